@@ -1,0 +1,26 @@
+"""User-facing errors.
+
+Anything the user can fix (a missing file, a label map on the wrong grid, too little memory) is raised as
+:class:`CimisError`. The command line prints it as one line, plus an optional hint, and exits non-zero;
+it never shows a traceback for these.
+"""
+
+from __future__ import annotations
+
+
+class CimisError(Exception):
+    """An error caused by the input or the environment, worded for the person who can fix it.
+
+    Args:
+        message: one sentence saying what is wrong, naming the file or value involved.
+        hint: optional sentence saying what to change.
+    """
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def one_line(self) -> str:
+        """The message and hint as a single line for a terminal or an event stream."""
+        return self.message if not self.hint else f"{self.message} ({self.hint})"
