@@ -1,0 +1,94 @@
+"""Training checkpoints without pickle: tensors in safetensors, everything else in JSON.
+
+Optimizer state dicts nest tensors inside dicts with integer keys; :func:`flatten` turns such a structure
+into a flat ``{name: tensor}`` mapping plus a JSON skeleton that says where each tensor goes, and
+:func:`unflatten` reverses it exactly (key types included).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model as load_safetensors_into
+from safetensors.torch import save_model as save_safetensors_from
+
+from cimis.errors import CimisError
+
+
+def flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "t") -> Any:
+    """JSON skeleton of ``obj``; its tensors are moved into ``tensors`` under generated names."""
+    if isinstance(obj, torch.Tensor):
+        name = f"{prefix}.{len(tensors)}"
+        tensors[name] = obj.detach().cpu().contiguous()
+        return {"__tensor__": name}
+    if isinstance(obj, dict):
+        return {"__dict__": [[flatten(k, tensors, prefix), flatten(v, tensors, prefix)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [flatten(v, tensors, prefix) for v in obj]}
+    if isinstance(obj, list):
+        return [flatten(v, tensors, prefix) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint")
+
+
+def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten`."""
+    if isinstance(skeleton, dict):
+        if "__tensor__" in skeleton:
+            return tensors[skeleton["__tensor__"]]
+        if "__dict__" in skeleton:
+            return {unflatten(k, tensors): unflatten(v, tensors) for k, v in skeleton["__dict__"]}
+        if "__tuple__" in skeleton:
+            return tuple(unflatten(v, tensors) for v in skeleton["__tuple__"])
+        raise ValueError(f"unknown checkpoint entry {list(skeleton)}")
+    if isinstance(skeleton, list):
+        return [unflatten(v, tensors) for v in skeleton]
+    return skeleton
+
+
+def save_checkpoint(folder: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Write ``net``, ``optimizer`` and the JSON-able ``state`` to ``folder``, replacing it atomically."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        save_safetensors_from(net, str(staging / "model.safetensors"))
+        tensors: dict[str, torch.Tensor] = {}
+        skeleton = flatten(optimizer.state_dict(), tensors, prefix="optimizer")
+        save_file(tensors, str(staging / "optimizer.safetensors"))
+        (staging / "state.json").write_text(json.dumps({**state, "optimizer": skeleton}, indent=1))
+        old = folder.with_name(folder.name + ".old")
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(staging, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_checkpoint(folder: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Load weights and optimizer state from ``folder`` into ``net`` and ``optimizer``; return the state."""
+    folder = Path(folder)
+    if not folder.is_dir() and folder.with_name(folder.name + ".old").is_dir():
+        folder = folder.with_name(folder.name + ".old")  # killed between the two renames of a save
+    if not (folder / "state.json").is_file():
+        raise CimisError(f"no checkpoint to resume from in {folder.parent}", "run without --resume to start afresh")
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        missing, unexpected = load_safetensors_into(net, str(folder / "model.safetensors"), strict=False)
+        tensors = load_file(str(folder / "optimizer.safetensors"))
+        optimizer.load_state_dict(unflatten(state.pop("optimizer"), tensors))
+    except (json.JSONDecodeError, SafetensorError, OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise CimisError(f"the checkpoint in {folder} is unreadable ({exc})", "run without --resume to start afresh") from exc
+    if missing or unexpected:
+        raise CimisError(f"the checkpoint in {folder} does not fit this network", "run without --resume to start afresh")
+    return state

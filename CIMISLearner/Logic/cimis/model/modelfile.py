@@ -1,0 +1,174 @@
+"""Model files: a folder with the weights in safetensors and a JSON card. Loading never runs code.
+
+Layout of a model folder::
+
+    card.json            classes (names, label values, colours), network and preprocessing settings,
+                         training history, metrics, and the SHA-256 of every tensor file
+    weights.safetensors  the network's state dict
+
+Pickle-based checkpoints (``torch.save``) are refused: unpickling can execute arbitrary code.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model as load_safetensors_into
+from safetensors.torch import save_model as save_safetensors_from
+
+from cimis import __version__
+from cimis.data.classes import ClassSet
+from cimis.data.preprocess import PreprocessConfig
+from cimis.errors import CimisError
+from cimis.model.network import NetworkConfig, SegmentationNet
+
+CARD_FORMAT = "cimis-model/1"
+CARD_NAME = "card.json"
+WEIGHTS_NAME = "weights.safetensors"
+
+
+@dataclass
+class ModelCard:
+    """Everything about a model except its tensors."""
+
+    classes: ClassSet
+    network: NetworkConfig
+    preprocessing: PreprocessConfig
+    history: list[dict] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    checksums: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    cimis_version: str = __version__
+
+    def to_json(self) -> dict:
+        return {
+            "format": CARD_FORMAT,
+            "cimis_version": self.cimis_version,
+            "created": self.created,
+            "classes": self.classes.to_json(),
+            "network": self.network.to_json(),
+            "preprocessing": self.preprocessing.to_json(),
+            "history": self.history,
+            "metrics": self.metrics,
+            "checksums": self.checksums,
+        }
+
+    @staticmethod
+    def from_json(d: dict, where: str = "card") -> "ModelCard":
+        if not isinstance(d, dict) or d.get("format") != CARD_FORMAT:
+            raise CimisError(f"{where} is not a CIMISLearner model card (expected format {CARD_FORMAT!r})")
+        try:
+            return ModelCard(
+                classes=ClassSet.from_json(d["classes"]),
+                network=NetworkConfig.from_json(d["network"]),
+                preprocessing=PreprocessConfig.from_json(d["preprocessing"]),
+                history=list(d.get("history", [])),
+                metrics=dict(d.get("metrics", {})),
+                checksums=dict(d.get("checksums", {})),
+                created=str(d.get("created", "")),
+                cimis_version=str(d.get("cimis_version", "")),
+            )
+        except KeyError as exc:
+            raise CimisError(f"{where} lacks the field {exc.args[0]!r}") from exc
+        except TypeError as exc:
+            raise CimisError(f"{where} has a malformed field: {exc}") from exc
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_model(folder: str | Path, net: SegmentationNet, card: ModelCard, overwrite: bool = False) -> Path:
+    """Write ``net`` and ``card`` as a model folder; the folder appears complete or not at all.
+
+    The files are written to a temporary sibling folder which is then renamed, so a crash mid-write never
+    leaves a half-written model under ``folder``.
+    """
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise CimisError(f"{folder} already exists and is not empty", "choose another output or pass --overwrite")
+    if net.num_channels != card.classes.num_channels:
+        raise ValueError(f"network has {net.num_channels} outputs but the card lists {card.classes.num_channels}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    staging.chmod(0o755)
+    try:
+        # safetensors' save_model drops the aliases DynUNet keeps of its own layers (skip_layers).
+        save_safetensors_from(net, str(staging / WEIGHTS_NAME), metadata={"format": CARD_FORMAT})
+        card.checksums = {WEIGHTS_NAME: sha256_of(staging / WEIGHTS_NAME)}
+        card.created = card.created or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        (staging / CARD_NAME).write_text(json.dumps(card.to_json(), indent=2) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _refuse_non_model(path: Path) -> None:
+    """Say clearly what a path is when it is not a model folder (a pickle checkpoint gets its own message)."""
+    if not path.exists():
+        raise CimisError(f"model {path} does not exist")
+    if path.is_file():
+        head = path.read_bytes()[:4]
+        if head[:1] == b"\x80" or head[:2] == b"PK":
+            raise CimisError(
+                f"{path} is a pickle-based PyTorch checkpoint, which CIMISLearner refuses to load "
+                "because unpickling can run code",
+                "convert it to a model folder (weights.safetensors + card.json)",
+            )
+        raise CimisError(f"{path} is a file; a model is a folder with {CARD_NAME} and {WEIGHTS_NAME}")
+
+
+def load_card(folder: str | Path) -> ModelCard:
+    """Read and check a model folder's card."""
+    folder = Path(folder)
+    if not (folder / CARD_NAME).is_file():
+        _refuse_non_model(folder)
+        raise CimisError(f"{folder} has no {CARD_NAME}: it is not a CIMISLearner model folder")
+    try:
+        data = json.loads((folder / CARD_NAME).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CimisError(f"{folder / CARD_NAME} is not valid JSON ({exc})", "the model file is corrupted") from exc
+    return ModelCard.from_json(data, where=str(folder / CARD_NAME))
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[SegmentationNet, ModelCard]:
+    """Rebuild the network from the card and load its weights, after checking their checksum."""
+    folder = Path(folder)
+    card = load_card(folder)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CimisError(f"{folder} has no {WEIGHTS_NAME}", "the model folder is incomplete")
+    expected = card.checksums.get(WEIGHTS_NAME)
+    if expected and sha256_of(weights) != expected:
+        raise CimisError(f"{weights} does not match the checksum in its card", "the model file is corrupted or was modified")
+    net = SegmentationNet(card.network, card.classes.num_channels)
+    try:
+        missing, unexpected = load_safetensors_into(net, str(weights), strict=False, device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CimisError(f"{weights} cannot be read as safetensors ({exc})", "the model file is corrupted") from exc
+    except RuntimeError as exc:  # tensor shapes that do not fit the card's network
+        raise CimisError(f"{weights} does not fit the network described in its card", "the model file is corrupted") from exc
+    if missing or unexpected:
+        raise CimisError(
+            f"{weights} does not fit the network described in its card "
+            f"({len(missing)} missing, {len(unexpected)} unexpected tensors)",
+            "the model file is corrupted or from an incompatible version",
+        )
+    return net.to(device).eval(), card
