@@ -24,3 +24,18 @@ class CimisError(Exception):
     def one_line(self) -> str:
         """The message and hint as a single line for a terminal or an event stream."""
         return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+
+def user_error_in(exc: BaseException) -> CimisError | None:
+    """The :class:`CimisError` behind ``exc``, if any.
+
+    Libraries wrap exceptions raised inside callbacks (MONAI's transforms re-raise them as
+    ``RuntimeError("applying transform ...")``); the user's problem is the innermost CimisError.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, CimisError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -2,9 +2,11 @@
 
 Layout of a model folder::
 
-    card.json            classes (names, label values, colours), network and preprocessing settings,
-                         training history, metrics, and the SHA-256 of every tensor file
-    weights.safetensors  the network's state dict
+    card.json                classes (names, label values, colours), network and preprocessing settings,
+                             training history, metrics, and the SHA-256 of every tensor file
+    weights.safetensors      the network's state dict
+    prototypes.safetensors   optional: the global class prototypes ``prototypes (C, D)`` and ``valid (C,)``
+                             of the incremental methods, computed at the end of each step
 
 Pickle-based checkpoints (``torch.save``) are refused: unpickling can execute arbitrary code.
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as load_safetensors_into
 from safetensors.torch import save_model as save_safetensors_from
 
@@ -34,6 +37,7 @@ from cimis.model.network import NetworkConfig, SegmentationNet
 CARD_FORMAT = "cimis-model/1"
 CARD_NAME = "card.json"
 WEIGHTS_NAME = "weights.safetensors"
+PROTOTYPES_NAME = "prototypes.safetensors"
 
 
 @dataclass
@@ -91,7 +95,13 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_model(folder: str | Path, net: SegmentationNet, card: ModelCard, overwrite: bool = False) -> Path:
+def save_model(
+    folder: str | Path,
+    net: SegmentationNet,
+    card: ModelCard,
+    overwrite: bool = False,
+    prototypes: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Path:
     """Write ``net`` and ``card`` as a model folder; the folder appears complete or not at all.
 
     The files are written to a temporary sibling folder which is then renamed, so a crash mid-write never
@@ -109,6 +119,11 @@ def save_model(folder: str | Path, net: SegmentationNet, card: ModelCard, overwr
         # safetensors' save_model drops the aliases DynUNet keeps of its own layers (skip_layers).
         save_safetensors_from(net, str(staging / WEIGHTS_NAME), metadata={"format": CARD_FORMAT})
         card.checksums = {WEIGHTS_NAME: sha256_of(staging / WEIGHTS_NAME)}
+        if prototypes is not None:
+            bank, valid = prototypes
+            save_file({"prototypes": bank.detach().float().cpu().contiguous(),
+                       "valid": valid.detach().to(torch.uint8).cpu().contiguous()}, str(staging / PROTOTYPES_NAME))
+            card.checksums[PROTOTYPES_NAME] = sha256_of(staging / PROTOTYPES_NAME)
         card.created = card.created or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         (staging / CARD_NAME).write_text(json.dumps(card.to_json(), indent=2) + "\n")
         if folder.exists():
@@ -148,6 +163,32 @@ def load_card(folder: str | Path) -> ModelCard:
     return ModelCard.from_json(data, where=str(folder / CARD_NAME))
 
 
+def _verify_checksum(folder: Path, name: str, card: ModelCard) -> None:
+    expected = card.checksums.get(name)
+    if expected and sha256_of(folder / name) != expected:
+        raise CimisError(f"{folder / name} does not match the checksum in its card", "the model file is corrupted or was modified")
+
+
+def load_prototypes(folder: str | Path, card: ModelCard | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The model's global prototypes ``(C, D)`` and validity mask ``(C,)``, or None if it has none."""
+    folder = Path(folder)
+    card = card or load_card(folder)
+    path = folder / PROTOTYPES_NAME
+    if not path.is_file():
+        if PROTOTYPES_NAME in card.checksums:
+            raise CimisError(f"{path} is missing", "the model folder is incomplete")
+        return None
+    _verify_checksum(folder, PROTOTYPES_NAME, card)
+    try:
+        tensors = load_file(str(path))
+        bank, valid = tensors["prototypes"], tensors["valid"].bool()
+    except (SafetensorError, OSError, KeyError) as exc:
+        raise CimisError(f"{path} cannot be read ({exc})", "the model file is corrupted") from exc
+    if bank.shape != (card.classes.num_channels, card.network.feature_dim) or valid.shape != (bank.shape[0],):
+        raise CimisError(f"{path} does not fit the model's classes and features", "the model file is corrupted")
+    return bank, valid
+
+
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[SegmentationNet, ModelCard]:
     """Rebuild the network from the card and load its weights, after checking their checksum."""
     folder = Path(folder)
@@ -155,9 +196,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise CimisError(f"{folder} has no {WEIGHTS_NAME}", "the model folder is incomplete")
-    expected = card.checksums.get(WEIGHTS_NAME)
-    if expected and sha256_of(weights) != expected:
-        raise CimisError(f"{weights} does not match the checksum in its card", "the model file is corrupted or was modified")
+    _verify_checksum(folder, WEIGHTS_NAME, card)
     net = SegmentationNet(card.network, card.classes.num_channels)
     try:
         missing, unexpected = load_safetensors_into(net, str(weights), strict=False, device="cpu")

@@ -1,0 +1,263 @@
+"""The ``cimis`` command: ``phantom``, ``manifest``, ``train``, ``learn``, ``segment``, ``evaluate``, ``demo``.
+
+Every subcommand turns user mistakes into one ``error: ...`` line on stderr and exit status 2; warnings
+are one ``warning: ...`` line each. Tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from cimis.errors import CimisError, user_error_in
+
+
+def _floats(text: str, n: int = 3) -> list[float]:
+    values = [float(x) for x in text.replace("x", ",").split(",") if x]
+    if len(values) == 1:
+        values = values * n
+    if len(values) != n or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected {n} positive numbers like 1.5,1.5,2, got {text!r}")
+    return values
+
+
+def _ints(text: str, n: int = 3) -> list[int]:
+    values = [int(v) for v in _floats(text, n)]
+    return values
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+# --------------------------------------------------------------------------------------------- commands
+def cmd_phantom(args) -> None:
+    from cimis.data.phantom import write_phantom_dataset
+
+    path = write_phantom_dataset(args.out, args.cases, args.variant, tuple(args.spacing), args.seed,
+                                 args.val_cases, args.test_cases)
+    print(f"wrote {args.cases} phantom cases and {path}")
+
+
+def cmd_manifest(args) -> None:
+    from cimis.data.adapters import build_manifest, detect_layout
+
+    kind = args.kind if args.kind != "auto" else detect_layout(args.root)
+    manifest = build_manifest(kind, args.root)
+    manifest.save(args.out, overwrite=args.overwrite)
+    counts = ", ".join(f"{k}: {len(v)}" for k, v in manifest.splits.items())
+    print(f"{kind} dataset, {len(manifest.cases)} cases ({counts}), {len(manifest.classes)} classes -> {args.out}")
+
+
+def cmd_train(args) -> None:
+    from cimis.data.manifest import Manifest
+    from cimis.data.preprocess import PreprocessConfig
+    from cimis.train import TrainConfig, train_model
+
+    manifest = Manifest.load(args.manifest)
+    classes = manifest.classes.subset(args.classes) if args.classes else manifest.classes
+    preprocess = PreprocessConfig(spacing=args.spacing, patch_size=args.patch, window=args.window)
+    config = TrainConfig(
+        iterations=args.iterations, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
+        device=args.device, amp=not args.no_amp, num_workers=args.workers, cache=not args.no_cache,
+        augment=not args.no_augment, val_every=args.val_every or max(args.iterations // 4, 1),
+        checkpoint_every=args.checkpoint_every or max(args.iterations // 4, 1),
+    )
+    model = train_model(manifest, args.out, classes, args.network, preprocess, config, resume=args.resume,
+                        overwrite=args.overwrite)
+    print(f"model written to {model}")
+
+
+def cmd_learn(args) -> None:
+    from dataclasses import replace
+
+    from cimis.data.manifest import Manifest
+    from cimis.incremental.base import StepOptions
+    from cimis.incremental.learn import learn_step, default_step_config
+    from cimis.model.modelfile import load_card
+
+    manifest = Manifest.load(args.manifest)
+    config = default_step_config(load_card(args.model))
+    overrides = {k: v for k, v in {
+        "iterations": args.iterations, "batch_size": args.batch_size, "learning_rate": args.lr, "seed": args.seed,
+    }.items() if v is not None}
+    config = replace(config, device=args.device, **overrides)
+    config = replace(config, val_every=args.val_every or max(config.iterations // 4, 1),
+                     checkpoint_every=args.checkpoint_every or max(config.iterations // 4, 1))
+    options = StepOptions.from_json({switch: False for switch in args.off or []})
+    model = learn_step(args.model, manifest, args.out, args.new_classes, args.strategy, config, options,
+                       resume=args.resume, overwrite=args.overwrite)
+    print(f"model written to {model}")
+
+
+def cmd_segment(args) -> None:
+    from cimis.data.io import read_image, write_image
+    from cimis.infer import segment_image
+    from cimis.metrics import format_class_table
+    from cimis.model.modelfile import load_model
+
+    net, card = load_model(args.model)
+    if args.manifest:
+        from cimis.data.manifest import Manifest
+
+        jobs = [(c.image, Path(args.output) / f"{c.id}.nii.gz") for c in Manifest.load(args.manifest).cases_in(args.split)]
+    else:
+        if not args.input:
+            raise CimisError("give --input IMAGE (or --manifest with --split)")
+        jobs = [(Path(args.input), Path(args.output))]
+    for source, target in jobs:
+        result = segment_image(net, card, read_image(source), device=args.device, progress=True, source=str(source))
+        write_image(result.label, target, overwrite=args.overwrite)
+        print(f"{source} -> {target}")
+        print(format_class_table({k: {"volume (mL)": v} for k, v in result.volumes_ml.items()}, ["volume (mL)"]))
+
+
+def cmd_evaluate(args) -> None:
+    from cimis.evaluate import evaluate_folder, evaluate_pair
+
+    if args.manifest:
+        if not args.predictions:
+            raise CimisError("give --predictions DIR with --manifest")
+        report = evaluate_folder(args.manifest, args.split, args.predictions, hd95=args.hd95)
+    else:
+        if not (args.pred and args.ref and args.classes_from):
+            raise CimisError("give --manifest and --predictions, or --pred, --ref and --classes-from")
+        report = evaluate_pair(args.pred, args.ref, args.classes_from, hd95=args.hd95)
+    paths = report.write(args.out)
+    print(report.to_markdown())
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+
+
+def cmd_demo(args) -> None:
+    from cimis.demo import run_demo
+
+    run_demo(Path(args.out), device=args.device, overwrite=args.overwrite)
+
+
+# ------------------------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cimis", description="Class-incremental 3D CT segmentation (CIMISLearner).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("phantom", help="write a dataset of synthetic abdominal CT phantoms")
+    p.add_argument("--out", required=True, help="output folder (gets imagesTr/, labelsTr/, manifest.json)")
+    p.add_argument("--cases", type=int, default=12)
+    p.add_argument("--variant", choices=["btcv", "word"], default="btcv", help="13 BTCV or 16 WORD classes")
+    p.add_argument("--spacing", type=_floats, default=[3.0, 3.0, 3.0], help="voxel spacing in mm, e.g. 3 or 3,3,4")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-cases", type=int, default=1)
+    p.add_argument("--test-cases", type=int, default=1)
+    p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("manifest", help="write a manifest for a dataset in its public on-disk layout")
+    p.add_argument("root", help="dataset folder")
+    p.add_argument("--from", dest="kind", choices=["auto", "btcv", "word", "decathlon", "totalseg"], default="auto")
+    p.add_argument("--out", required=True, help="manifest JSON to write")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_manifest)
+
+    p = sub.add_parser("train", help="train a model on all (or chosen) classes of a manifest")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True, help="run folder: the model goes to OUT/model, checkpoints to OUT/checkpoint")
+    p.add_argument("--classes", type=_names, help="comma-separated class names or values (default: all)")
+    p.add_argument("--network", choices=["small", "dynunet"], default="dynunet")
+    p.add_argument("--spacing", type=_floats, default=[1.5, 1.5, 2.0], help="model-space spacing in mm")
+    p.add_argument("--patch", type=_ints, default=[96, 96, 96], help="patch size in voxels")
+    p.add_argument("--window", type=lambda t: _floats(t, 2), default=[-175.0, 250.0], help="CT window low,high in HU")
+    p.add_argument("--iterations", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--workers", type=int, default=0, help="data-loader processes")
+    p.add_argument("--val-every", type=int, default=0, help="iterations between validations (default: a quarter)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="iterations between checkpoints (default: a quarter)")
+    p.add_argument("--no-amp", action="store_true", help="full precision on the GPU")
+    p.add_argument("--no-cache", action="store_true", help="do not keep preprocessed volumes in memory")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("learn", help="one incremental step: learn new classes from new-only labels")
+    p.add_argument("--model", required=True, help="the previous model folder")
+    p.add_argument("--manifest", required=True, help="dataset whose labels carry only the new classes")
+    p.add_argument("--out", required=True, help="run folder: the new model goes to OUT/model")
+    p.add_argument("--new-classes", type=_names, help="names of the classes to learn (default: the dataset's classes the model lacks)")
+    p.add_argument("--strategy", default="pgcd-dapd", choices=["pgcd-dapd", "ft", "lwf", "ilt", "mib", "plop", "joint"])
+    p.add_argument("--off", type=_names, help="ablation: comma-separated switches to turn off (pseudo_labels, spatial_weight, "
+                   "channel_weight, output_term, dapd_global, dapd_local, dynamic_background)")
+    p.add_argument("--iterations", type=int, help="default: step 0's")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="default: a tenth of step 0's")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--val-every", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_learn)
+
+    p = sub.add_parser("segment", help="segment volumes with a model; writes label maps on the input geometry")
+    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--input", help="image file or DICOM folder")
+    p.add_argument("--output", required=True, help="label map file (or folder with --manifest)")
+    p.add_argument("--manifest", help="segment every case of a split instead of one --input")
+    p.add_argument("--split", default="test")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("evaluate", help="Dice (and HD95) per class, as Markdown, CSV and JSON")
+    p.add_argument("--manifest", help="reference labels come from this manifest's split")
+    p.add_argument("--split", default="test")
+    p.add_argument("--predictions", help="folder with CASE_ID.nii.gz label maps")
+    p.add_argument("--pred", help="one predicted label map")
+    p.add_argument("--ref", help="its reference label map")
+    p.add_argument("--classes-from", help="model folder or manifest whose class list to use with --pred/--ref")
+    p.add_argument("--hd95", action="store_true", help="also compute the 95th-percentile Hausdorff distance")
+    p.add_argument("--out", default="evaluation", help="folder for evaluation.md/.csv/.json")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="phantoms -> train -> segment a held-out phantom -> Dice table (CPU, minutes)")
+    p.add_argument("--out", default="demo_output")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo's output")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _one_line_warnings(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.showwarning = _one_line_warnings
+    # Third-party chatter (MONAI deprecations, torch hints) is not for the user; ours goes through CimisError.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("monai").setLevel(logging.ERROR)
+    try:
+        args.func(args)
+    except CimisError as exc:
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a user error wrapped by a library (e.g. raised inside a MONAI transform)
+        cause = user_error_in(exc)
+        if cause is None:
+            raise
+        print(f"error: {cause.one_line()}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
