@@ -1,0 +1,86 @@
+"""PGCD: Prototype-Guided Calibration Distillation (Zhu et al., arXiv 2511.07749; METHOD.md section 5).
+
+Distil the old model more where its knowledge is reliable and less where it may mislead: a voxel's weight
+is how well its old feature agrees with the global prototype of the class the old model predicts there
+(spatial weight), and each feature channel's weight follows that prototype's magnitude (channel weight).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cimis.incremental.distillation import kl_per_voxel, unbiased_old_log_probs
+
+
+class PGCDLoss(nn.Module):
+    """``L_PGCD = lambda_f L_f + lambda_o L_o``.
+
+    Args:
+        lambda_f: weight of the feature term ``L_f``.
+        lambda_o: weight of the output term ``L_o`` (MiB-style unbiased KL).
+        tau_s: temperature of the prototype-to-feature affinity softmax.
+        tau_c: temperature of the channel-weight softmax.
+        spatial_weight: off -> ``w = 1`` on every participating voxel (ablation).
+        channel_weight: off -> ``a = 1`` (ablation).
+        output_term: off -> ``L_o`` is not computed (ablation).
+
+    Forward shapes:
+        features, old_features: ``(B, D, X, Y, Z)`` (student F, teacher F').
+        logits: ``(B, n_old + n_new, X, Y, Z)``; old_logits: ``(B, n_old, X, Y, Z)``.
+        labels: ``(B, X, Y, Z)`` channel indices of the step's labels (``>= n_old`` for new classes).
+        prototypes: ``(n_old, D)`` global prototypes (background dynamic); valid: ``(n_old,)``.
+    Returns the loss and a dict of its parts.
+    """
+
+    def __init__(self, lambda_f: float = 1.0, lambda_o: float = 1.0, tau_s: float = 0.1, tau_c: float = 1.0,
+                 spatial_weight: bool = True, channel_weight: bool = True, output_term: bool = True):
+        super().__init__()
+        self.lambda_f, self.lambda_o = lambda_f, lambda_o
+        self.tau_s, self.tau_c = tau_s, tau_c
+        self.spatial_weight, self.channel_weight, self.output_term = spatial_weight, channel_weight, output_term
+
+    @torch.no_grad()
+    def voxel_weights(self, old_features, old_logits, labels, prototypes, valid) -> torch.Tensor:
+        """``w (B, X, Y, Z)``: reliability ``r = A_{c'}`` normalised to mean 1 over participating voxels;
+        0 on voxels labelled with a new class."""
+        n_old = old_logits.shape[1]
+        participating = labels < n_old
+        if not self.spatial_weight:
+            return participating.float()
+        cosine = torch.einsum(
+            "bd...,cd->bc...", F.normalize(old_features.float(), dim=1), F.normalize(prototypes.float(), dim=1)
+        )
+        # Classes without a global prototype cannot vouch for any voxel.
+        cosine = cosine.masked_fill(~valid.view(1, -1, *([1] * (cosine.dim() - 2))), float("-inf"))
+        affinity = torch.softmax(cosine / self.tau_s, dim=1)
+        reliability = affinity.gather(1, old_logits.argmax(1, keepdim=True)).squeeze(1)
+        reliability = torch.nan_to_num(reliability) * participating
+        mean = reliability.sum() / participating.sum().clamp_min(1)
+        return reliability / mean.clamp_min(1e-12)
+
+    @torch.no_grad()
+    def channel_weights(self, prototypes: torch.Tensor) -> torch.Tensor:
+        """``a (n_old, D) = D * softmax_d(|P_{c,d}| / tau_c)``: mean 1 over channels."""
+        d = prototypes.shape[1]
+        if not self.channel_weight:
+            return torch.ones_like(prototypes)
+        return d * torch.softmax(prototypes.abs().float() / self.tau_c, dim=1)
+
+    def forward(self, features, old_features, logits, old_logits, labels, prototypes, valid):
+        n_old = old_logits.shape[1]
+        weights = self.voxel_weights(old_features, old_logits, labels, prototypes, valid)
+        count = (labels < n_old).sum().clamp_min(1)
+        old_class = old_logits.argmax(1)  # c'(v)
+        a = self.channel_weights(prototypes)[old_class].movedim(-1, 1)  # (B, D, X, Y, Z)
+        squared = (a * (features.float() - old_features.float()) ** 2).mean(1)
+        feature_term = (weights * squared).sum() / count
+        loss = self.lambda_f * feature_term
+        parts = {"pgcd_f": float(feature_term.detach())}
+        if self.output_term:
+            kl = kl_per_voxel(old_logits.float(), unbiased_old_log_probs(logits.float(), n_old))
+            output_term = (weights * kl).sum() / count
+            loss = loss + self.lambda_o * output_term
+            parts["pgcd_o"] = float(output_term.detach())
+        return loss, parts

@@ -1,0 +1,124 @@
+"""Class prototypes: masked average pooling of decoder features (METHOD.md section 4).
+
+Shapes: features ``(B, D, X, Y, Z)``, targets ``(B, X, Y, Z)`` of channel indices (``IGNORE`` marks voxels
+without a target). A prototype is a ``(D,)`` vector; a bank of them is ``(C, D)`` with a ``(C,)`` mask of
+which classes have one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Target value of voxels that no loss may use (unreliable pseudo-labels).
+IGNORE = -1
+
+
+def masked_average(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``proto(F, mask) = sum_v mask(v) F(v) / sum_v mask(v)`` over batch and space.
+
+    Args:
+        features: ``(B, D, X, Y, Z)``.
+        mask: ``(B, X, Y, Z)`` boolean or weights; must not be all zero.
+    Returns ``(D,)``.
+    """
+    weights = mask.to(features.dtype).unsqueeze(1)
+    return (features * weights).sum(dim=(0, 2, 3, 4)) / weights.sum()
+
+
+def class_prototypes(features: torch.Tensor, targets: torch.Tensor, classes) -> dict[int, torch.Tensor]:
+    """Local prototypes ``p_c`` of each channel ``c`` in ``classes`` present in ``targets``."""
+    return {int(c): masked_average(features, targets == c) for c in classes if bool((targets == c).any())}
+
+
+class PrototypeAccumulator:
+    """Running sums for global prototypes over a whole dataset: ``P_c = sum F(v) / count`` over every voxel
+    whose target is ``c``, accumulated batch by batch without keeping the features."""
+
+    def __init__(self, num_channels: int, feature_dim: int):
+        self.sums = torch.zeros(num_channels, feature_dim, dtype=torch.float64)
+        self.counts = torch.zeros(num_channels, dtype=torch.float64)
+
+    @torch.no_grad()
+    def add(self, features: torch.Tensor, targets: torch.Tensor) -> None:
+        """features ``(B, D, ...)``, targets ``(B, ...)`` channel indices (``IGNORE`` skipped)."""
+        d = features.shape[1]
+        flat_features = features.detach().double().movedim(1, -1).reshape(-1, d).cpu()
+        flat_targets = targets.reshape(-1).cpu().long()
+        keep = (flat_targets >= 0) & (flat_targets < self.counts.numel())
+        self.sums.index_add_(0, flat_targets[keep], flat_features[keep])
+        self.counts += torch.bincount(flat_targets[keep], minlength=self.counts.numel()).double()
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prototypes ``(C, D)`` (zeros where a class was never seen) and the ``(C,)`` mask of seen classes."""
+        valid = self.counts > 0
+        protos = torch.zeros_like(self.sums)
+        protos[valid] = self.sums[valid] / self.counts[valid, None]
+        return protos.float(), valid
+
+
+class PrototypeBank(torch.nn.Module):
+    """Global prototypes ``P_c`` during an incremental step: fixed, except background, which follows the
+    old model's batch background prototype by an exponential moving average (the dynamic background
+    prototype): ``P_0 <- m P_0 + (1 - m) proto(F', y~ = 0)``.
+
+    Buffers (so they move with ``.to(device)``): ``prototypes (C_old, D)``, ``valid (C_old,)``.
+    """
+
+    def __init__(self, prototypes: torch.Tensor, valid: torch.Tensor, momentum: float = 0.99, dynamic_background: bool = True):
+        super().__init__()
+        self.register_buffer("prototypes", prototypes.detach().clone().float())
+        self.register_buffer("valid", valid.detach().clone().bool())
+        self.momentum = momentum
+        self.dynamic_background = dynamic_background
+
+    @torch.no_grad()
+    def update_background(self, old_features: torch.Tensor, targets: torch.Tensor) -> None:
+        """One EMA step of ``P_0`` toward the batch's background prototype of the old model's features;
+        skipped when the batch has no background voxel or the dynamic background is switched off."""
+        if not self.dynamic_background:
+            return
+        background = targets == 0
+        if not bool(background.any()):
+            return
+        batch_proto = masked_average(old_features.float(), background)
+        if bool(self.valid[0]):
+            self.prototypes[0] = self.momentum * self.prototypes[0] + (1 - self.momentum) * batch_proto
+        else:
+            self.prototypes[0] = batch_proto
+            self.valid[0] = True
+
+
+@torch.no_grad()
+def global_prototypes(
+    net: torch.nn.Module,
+    volumes: list[dict],
+    patch_size,
+    device: torch.device,
+    targets_of=None,
+    amp: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global prototypes ``P_c`` of ``net``'s features over every voxel of ``volumes`` whose target is ``c``.
+
+    Args:
+        volumes: model-space dicts with ``image`` and ``label`` ``(1, X, Y, Z)``.
+        targets_of: ``f(image_tile, label_tile) -> targets`` (``y~`` of an incremental step); default: the
+            label itself (step 0).
+    Returns ``(C, D)`` prototypes and the ``(C,)`` mask of classes that occurred.
+    """
+    from cimis.device import autocast
+    from cimis.infer import iterate_tiles
+
+    was_training = net.training
+    net.eval()
+    accumulator = None
+    for volume in volumes:
+        for image, label, valid in iterate_tiles(volume["image"], volume["label"], patch_size):
+            image, label, valid = image.to(device), label.to(device), valid.to(device)
+            with autocast(device, amp):
+                logits, features = net.forward_with_features(image)
+            if accumulator is None:
+                accumulator = PrototypeAccumulator(logits.shape[1], features.shape[1])
+            targets = label if targets_of is None else targets_of(image, label)
+            accumulator.add(features.float(), torch.where(valid, targets, torch.full_like(targets, IGNORE)))
+    net.train(was_training)
+    return accumulator.result()

@@ -1,0 +1,47 @@
+"""``pgcd-dapd``: our method (Zhu et al., arXiv 2511.07749; METHOD.md sections 3-7).
+
+``L = L_seg(y~) + L_PGCD + L_DAPD``, pseudo-labels of the old organs, an init-balanced head, and the
+global prototype bank whose background prototype follows the old model's background after every step.
+"""
+
+import torch
+
+from cimis.errors import CimisError
+from cimis.incremental.base import IncrementalTrainer
+from cimis.incremental.dapd import DAPDLoss
+from cimis.incremental.pgcd import PGCDLoss
+from cimis.incremental.prototypes import PrototypeBank
+
+
+class PGCDDAPD(IncrementalTrainer):
+    name = "pgcd-dapd"
+    head_init = "balanced"
+    uses_pseudo_labels = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.old_prototypes is None:
+            raise CimisError("the previous model has no global prototypes, which pgcd-dapd needs",
+                             "retrain it with this version, or use another strategy")
+        o = self.options
+        bank, valid = self.old_prototypes
+        self.bank = PrototypeBank(bank[: self.n_old], valid[: self.n_old], o.momentum, o.dynamic_background).to(self.device)
+        self.pgcd = PGCDLoss(o.lambda_f, o.lambda_o, o.tau_s, o.tau_c, o.spatial_weight, o.channel_weight, o.output_term)
+        self.dapd = DAPDLoss(o.lambda_p, o.dapd_global, o.dapd_local)
+        self._background_update = None
+
+    def step_loss(self, labels, logits, features, old_logits, old_features):
+        targets = self.targets(labels, old_logits)
+        loss, parts = self.segmentation(logits, targets)
+        protos, valid = self.bank.prototypes, self.bank.valid
+        pgcd, pgcd_parts = self.pgcd(features, old_features, logits, old_logits, labels, protos, valid)
+        dapd, dapd_parts = self.dapd(features, old_features, targets, protos, valid)
+        self._background_update = (old_features.detach(), targets.detach())
+        return loss + pgcd + dapd, {**parts, **pgcd_parts, **dapd_parts}
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        # After the optimiser step: the loss of this iteration used the prototype before the update.
+        if self._background_update is not None:
+            self.bank.update_background(*self._background_update)
+            self._background_update = None

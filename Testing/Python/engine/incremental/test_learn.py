@@ -1,0 +1,81 @@
+"""`learn_step` end to end on tiny phantoms: every strategy runs, grows the model and keeps its history."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cimis.data.manifest import Manifest
+from cimis.data.phantom import write_phantom_dataset
+from cimis.data.preprocess import PreprocessConfig
+from cimis.errors import CimisError
+from cimis.incremental.learn import learn_step
+from cimis.incremental.strategies import STRATEGIES
+from cimis.model.modelfile import load_model, load_prototypes
+from cimis.model.network import NetworkConfig
+from cimis.train import TrainConfig, train_model
+
+TINY_NET = NetworkConfig(filters=[4, 8, 16], kernel_sizes=[3, 3, 3], strides=[1, 2, 2])
+TINY_PREPROCESS = PreprocessConfig(spacing=[8.0, 8.0, 8.0], patch_size=[32, 32, 16])
+BASE = ["spleen", "liver", "aorta", "left kidney"]
+NEW = ["right kidney", "stomach"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    out = tmp_path_factory.mktemp("learn")
+    manifest_path = write_phantom_dataset(out / "ds", num_cases=4, spacing=(8.0, 8.0, 8.0), seed=11, progress=False)
+    manifest = Manifest.load(manifest_path)
+    model = train_model(manifest, out / "base", classes=manifest.classes.subset(BASE), network=TINY_NET,
+                        preprocess=TINY_PREPROCESS, config=TrainConfig(iterations=3, device="cpu", val_every=3),
+                        progress=False)
+    return manifest, model
+
+
+def _step_config():
+    return TrainConfig(iterations=2, device="cpu", val_every=2, checkpoint_every=2, learning_rate=1e-4)
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_every_strategy_learns_a_step(base, tmp_path, strategy):
+    manifest, model = base
+    old_net, old_card = load_model(model)
+    new_model = learn_step(model, manifest, tmp_path / strategy, NEW, strategy, _step_config(), progress=False)
+    net, card = load_model(new_model)
+    assert card.classes.names == old_card.classes.names + NEW
+    assert net.num_channels == len(BASE) + len(NEW) + 1
+    assert [h["kind"] for h in card.history] == ["train", "learn"]
+    assert card.history[-1]["strategy"] == strategy and card.history[-1]["new_classes"] == NEW
+    # Validation reports the classes whose labels the step uses: the new ones (joint: all of them).
+    validated = set(card.history[-1]["validation"][-1]["dice"])
+    assert validated == (set(BASE + NEW) if strategy == "joint" else set(NEW))
+    prototypes, valid = load_prototypes(new_model)
+    assert prototypes.shape == (net.num_channels, TINY_NET.feature_dim)
+    assert valid[0]  # background is always present
+    if strategy != "joint":
+        # Old weights were the starting point: the backbone moved only by a few small steps.
+        old = dict(old_net.named_parameters())
+        drift = max((p - old[n]).abs().max().item() for n, p in net.named_parameters() if n in old and p.shape == old[n].shape)
+        assert drift < 0.05
+
+
+def test_base_model_has_prototypes_of_its_classes(base):
+    _, model = base
+    prototypes, valid = load_prototypes(model)
+    assert valid.all() and prototypes.shape == (len(BASE) + 1, TINY_NET.feature_dim)
+    assert torch.isfinite(prototypes).all()
+
+
+def test_existing_class_name_is_refused(base, tmp_path):
+    manifest, model = base
+    with pytest.raises(CimisError, match="already has a class named 'liver'"):
+        learn_step(model, manifest, tmp_path / "x", ["liver"], "ft", _step_config(), progress=False)
+
+
+def test_unknown_strategy_and_class_are_refused(base, tmp_path):
+    manifest, model = base
+    with pytest.raises(CimisError, match="unknown strategy"):
+        learn_step(model, manifest, tmp_path / "x", NEW, "magic", _step_config(), progress=False)
+    with pytest.raises(CimisError, match="not in the dataset"):
+        learn_step(model, manifest, tmp_path / "x", ["appendix"], "ft", _step_config(), progress=False)
