@@ -135,7 +135,7 @@ def cmd_evaluate(args) -> None:
 def cmd_demo(args) -> None:
     from cimis.demo import run_demo
 
-    run_demo(Path(args.out), device=args.device, overwrite=args.overwrite)
+    run_demo(Path(args.out), device=args.device, overwrite=args.overwrite, segmentation_only=args.segmentation_only)
 
 
 # ------------------------------------------------------------------------------------------------ parser
@@ -223,10 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="evaluation", help="folder for evaluation.md/.csv/.json")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("demo", help="phantoms -> train -> segment a held-out phantom -> Dice table (CPU, minutes)")
+    p = sub.add_parser("demo", help="phantoms -> base model -> incremental step (ft, pgcd-dapd) -> Dice tables (CPU, minutes)")
     p.add_argument("--out", default="demo_output")
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo's output")
+    p.add_argument("--segmentation-only", action="store_true",
+                   help="stop after training on all 13 organs and segmenting the held-out phantom")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -665,14 +665,16 @@ def _small_bowel_loops(rng: np.random.Generator) -> list[tuple[_Tube, float, flo
 def _ribs(rng: np.random.Generator, body: _Body) -> list[_Tube]:
     """Ribs 7-12 on both sides, in the middle of the muscle wall, descending toward the front."""
     ribs = []
-    a = body.cavity[0] + body.wall / 2
     for k, (z_post, end_deg) in enumerate(zip((150, 128, 106, 84, 60, 38), (150, 140, 128, 112, 95, 70))):
         for side in (-1, 1):
             z0 = z_post + rng.normal(0, 3)
             theta = np.radians(np.linspace(35, end_deg, 6))  # 0 = straight back, 90 = lateral
             drop = (60 if k < 4 else 35) * (theta - theta[0]) / (theta[-1] - theta[0])
-            b = np.where(np.cos(theta) > 0, body.cavity[2], body.cavity[1]) + body.wall / 2
-            path = np.stack([side * a * np.sin(theta), b * np.cos(theta), z0 - drop], axis=1)
+            z = z0 - drop
+            wobble = _wobble(body, z)  # follow the body outline exactly as _paint_body draws it
+            a = body.cavity[0] * wobble + body.wall / 2
+            b = np.where(np.cos(theta) > 0, body.cavity[2], body.cavity[1]) * wobble + body.wall / 2
+            path = np.stack([side * a * np.sin(theta), b * np.cos(theta), z], axis=1)
             # Start at the vertebra so that the rib reaches the spine behind the muscles' front edge.
             path = np.vstack([[side * 26, 62, z0 + 4], path])
             ribs.append(_Tube.through(path, [5.0] * len(path)))
@@ -788,6 +790,11 @@ def _smoothstep(t: np.ndarray) -> np.ndarray:
     return t * t * (3 - 2 * t)
 
 
+def _wobble(body: _Body, z: np.ndarray) -> np.ndarray:
+    """Slow ±3% variation of the body cross-section along z."""
+    return 1 + 0.03 * np.cos(2 * np.pi * z / 300.0 + body.wobble_phase)
+
+
 def _paint_body(c: _Canvas, a: _Anatomy) -> None:
     """Air outside; subcutaneous fat, a muscle wall and visceral fat inside an elliptical body.
 
@@ -797,7 +804,7 @@ def _paint_body(c: _Canvas, a: _Anatomy) -> None:
     b = a.body
     box = c.full
     z = box.Z
-    wobble = 1 + 0.03 * np.cos(2 * np.pi * z / 300.0 + b.wobble_phase)
+    wobble = _wobble(b, z)
     pelvis = _smoothstep((-150 - z) / 80.0)
     ax = b.cavity[0] * wobble * (1 - 0.22 * pelvis)
     ant = b.cavity[1] * wobble * (1 - 0.1 * pelvis)
