@@ -1,4 +1,5 @@
-"""The ``cimis`` command: ``phantom``, ``manifest``, ``train``, ``learn``, ``segment``, ``evaluate``, ``demo``.
+"""The ``cimis`` command: ``phantom``, ``manifest``, ``train``, ``learn``, ``segment``, ``evaluate``, ``demo``,
+``worker`` (one job file, JSON events on stdout: cimis/worker.py) and ``models`` (the registry: cimis/registry.py).
 
 Every subcommand turns user mistakes into one ``error: ...`` line on stderr and exit status 2; warnings
 are one ``warning: ...`` line each. Tracebacks are for bugs only.
@@ -138,6 +139,19 @@ def cmd_demo(args) -> None:
     run_demo(Path(args.out), device=args.device, overwrite=args.overwrite, segmentation_only=args.segmentation_only)
 
 
+def cmd_worker(args) -> None:
+    from cimis.worker import worker_main
+
+    # The worker reports everything, errors included, as events; its exit status is the protocol's.
+    sys.exit(worker_main(args.job, resume=args.resume))
+
+
+def cmd_models(args) -> None:
+    from cimis.registry import models_command
+
+    models_command(args)
+
+
 # ------------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cimis", description="Class-incremental 3D CT segmentation (CIMISLearner).")
@@ -230,6 +244,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segmentation-only", action="store_true",
                    help="stop after training on all 13 organs and segmenting the held-out phantom")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("worker", help="run one job file (train, learn, segment); JSON events on stdout")
+    p.add_argument("job", help="job file (docs/worker-protocol.md)")
+    p.add_argument("--resume", action="store_true", help="continue a killed or cancelled job from its last checkpoint")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("models", help="the model registry: list, show, activate (rollback), delete, export, import")
+    actions = p.add_subparsers(dest="action", required=True)
+    registry = argparse.ArgumentParser(add_help=False)
+    registry.add_argument("--registry", default=os.environ.get("CIMIS_REGISTRY"), required=not os.environ.get("CIMIS_REGISTRY"),
+                          help="registry folder (default: $CIMIS_REGISTRY)")
+    a = actions.add_parser("list", parents=[registry], help="every version, * marks the active one")
+    a.add_argument("--json", action="store_true")
+    a = actions.add_parser("show", parents=[registry], help="one version (default: the active one), checksums verified")
+    a.add_argument("version", nargs="?")
+    a.add_argument("--json", action="store_true")
+    a = actions.add_parser("activate", parents=[registry], help="make a version the active one (rollback)")
+    a.add_argument("version")
+    a = actions.add_parser("delete", parents=[registry], help="delete a version that is not active")
+    a.add_argument("version")
+    a = actions.add_parser("export", parents=[registry], help="write a version as a .tar.gz archive")
+    a.add_argument("version")
+    a.add_argument("--out", required=True, help="archive to write, e.g. liver-v3.tar.gz")
+    a.add_argument("--overwrite", action="store_true")
+    a = actions.add_parser("import", parents=[registry], help="add a version from an archive or a model folder")
+    a.add_argument("source", help="a .tar.gz written by export, or a model folder")
+    a.add_argument("--activate", action="store_true", help="make the imported version the active one")
+    p.set_defaults(func=cmd_models)
     return parser
 
 
