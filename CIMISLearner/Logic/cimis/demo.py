@@ -34,7 +34,8 @@ MARKER = ".cimis-demo"
 DEMO_CASES = 12
 DEMO_SPACING = [4.0, 4.0, 4.0]
 DEMO_PATCH = [64, 64, 48]
-BASE_ITERATIONS = 300
+SEGMENTATION_ITERATIONS = 500  # --segmentation-only: all 13 organs, the foundation's check
+BASE_ITERATIONS = 400  # the story's joint and base models
 STEP_ITERATIONS = 150
 # The step-0 organs: the large ones and the aorta; the step adds the small and tubular ones.
 OLD_ORGANS = ["spleen", "right kidney", "left kidney", "liver", "stomach", "aorta", "inferior vena cava"]
@@ -61,9 +62,11 @@ def demo_configs(device: str, base_iterations: int, step_iterations: int):
 
 
 def run_demo(out: Path, device: str = "auto", overwrite: bool = False, segmentation_only: bool = False,
-             base_iterations: int = BASE_ITERATIONS, step_iterations: int = STEP_ITERATIONS) -> None:
+             base_iterations: int | None = None, step_iterations: int = STEP_ITERATIONS) -> None:
     started = time.perf_counter()
     elapsed = lambda: f"{(time.perf_counter() - started) / 60:.1f} min"  # noqa: E731
+    if base_iterations is None:
+        base_iterations = SEGMENTATION_ITERATIONS if segmentation_only else BASE_ITERATIONS
     prepare_output(out, overwrite)
     print(f"writing {DEMO_CASES} synthetic abdominal CT phantoms (13 BTCV organs, {DEMO_SPACING[0]:g} mm)")
     manifest_path = write_phantom_dataset(out / "phantoms", DEMO_CASES, "btcv", tuple(DEMO_SPACING), seed=0)
