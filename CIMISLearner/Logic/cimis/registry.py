@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import io
 import json
 import os
@@ -44,7 +45,6 @@ from typing import Callable, Iterator
 from cimis import __version__
 from cimis.data.classes import ClassSet
 from cimis.errors import CimisError
-from cimis.model.modelfile import sha256_of
 
 REGISTRY_FORMAT = "cimis-registry/1"
 ACTIVE_FORMAT = "cimis-active/1"
@@ -96,6 +96,14 @@ def check_safetensors_file(path: Path, where: str) -> None:
         raise CimisError(f"{where}: {pickle}", "use a model folder with safetensors weights, e.g. exported by `cimis models export`")
     raise CimisError(f"{where}: {path.name} is not a safetensors file (truncated or corrupted)",
                      "the model file is damaged; activate another version or import the model again")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_json_file(path: Path, what: str, hint: str | None = None) -> dict:
