@@ -26,11 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import SimpleITK as sitk
 
 from cimis.data.classes import ClassSet
-from cimis.data.manifest import Case, Manifest, apply_label_map, load_case
+from cimis.data.manifest import Case, Manifest, check_labels_contain, load_case
 from cimis.errors import CimisError
 
 JOB_FORMAT = "cimis-job/1"
@@ -354,23 +353,9 @@ def check_training_data(manifest: Manifest, learned: ClassSet) -> int:
     for case in cases:
         if case.label is None:
             raise CimisError(f"case {case.id!r} has no label map", "every training case needs one")
-        _require_learned_voxels(case, learned)
+        check_labels_contain([case], learned)
         load_case(case, manifest.classes)  # grid, integer values, known values, image finite and 3D
     return len(cases)
-
-
-def _require_learned_voxels(case: Case, learned: ClassSet) -> None:
-    from cimis.data.io import read_image
-
-    label = read_image(case.label)  # kept alive: the array below is a view of its buffer
-    values = sitk.GetArrayViewFromImage(label)
-    if case.label_map is not None:
-        values = apply_label_map(values, case.label_map)
-    if not np.isin(values, learned.values).any():
-        raise CimisError(
-            f"label map {case.label} has no voxel of any class to learn ({', '.join(learned.names)})",
-            "paint at least one of these structures in it, check the class label values, or leave the case out",
-        )
 
 
 def resolve_new_classes(job: Job, old: ClassSet) -> ClassSet:

@@ -290,3 +290,20 @@ def apply_label_map(label_array: np.ndarray, label_map: dict[int, int]) -> np.nd
         index = label_array if label_array.dtype.kind in "ui" else label_array.astype(np.intp)
         return lut[index]
     return targets[np.searchsorted(present, label_array)]  # sparse huge values: look up their rank
+
+
+def check_labels_contain(cases: list[Case], classes: ClassSet) -> None:
+    """Refuse a label map without a voxel of any of ``classes``: a step could learn nothing from it, and it
+    usually means a wrong file or forgotten painting. Reads only the label maps."""
+    for case in cases:
+        if case.label is None:
+            continue  # whether a case needs a label is the caller's rule
+        label = read_image(case.label)  # kept alive: the array below is a view of its buffer
+        values = sitk.GetArrayViewFromImage(label)
+        if case.label_map is not None:
+            values = apply_label_map(values, case.label_map)
+        if not np.isin(values, classes.values).any():
+            raise CimisError(
+                f"label map {case.label} has no voxel of any class to learn ({', '.join(classes.names)})",
+                "paint at least one of these structures in it, check the class label values, or leave the case out",
+            )

@@ -12,13 +12,10 @@ import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import numpy as np
-import SimpleITK as sitk
 import torch
 
-from cimis.data.classes import ClassInfo, ClassSet
-from cimis.data.io import read_image
-from cimis.data.manifest import Case, Manifest, apply_label_map
+from cimis.data.classes import ClassSet
+from cimis.data.manifest import Manifest, check_labels_contain
 from cimis.errors import CimisError
 from cimis.incremental.base import StepOptions
 from cimis.incremental.prototypes import global_prototypes
@@ -57,23 +54,6 @@ def resolve_new_classes(old: ClassSet, manifest: ClassSet, requested: list[str] 
     return new
 
 
-def check_new_classes_labelled(cases: list[Case], new: ClassSet) -> None:
-    """Refuse a label map without a voxel of any new class: the step could learn nothing from it, and it
-    usually means a wrong file or forgotten painting. Reads only the label maps."""
-    for case in cases:
-        if case.label is None:
-            continue  # the trainer says that a training case needs a label
-        label = read_image(case.label)  # kept alive: the array below is a view of its buffer
-        values = sitk.GetArrayViewFromImage(label)
-        if case.label_map is not None:
-            values = apply_label_map(values, case.label_map)
-        if not np.isin(values, new.values).any():
-            raise CimisError(
-                f"label map {case.label} has no voxel of any new class ({', '.join(new.names)})",
-                "paint at least one of the new structures in it, check the class label values, or leave the case out",
-            )
-
-
 def learn_step(
     previous_model: str | Path,
     manifest: Manifest,
@@ -105,7 +85,7 @@ def learn_step(
     old_net, old_card = load_model(previous_model)
     old_prototypes = load_prototypes(previous_model, old_card)
     new = resolve_new_classes(old_card.classes, manifest.classes, new_classes)
-    check_new_classes_labelled(manifest.cases_in("train") + manifest.cases_in("val"), new)
+    check_labels_contain(manifest.cases_in("train") + manifest.cases_in("val"), new)
     classes = old_card.classes.extended(new)
     options = options or StepOptions()
     config = config or default_step_config(old_card)
