@@ -1,5 +1,5 @@
 """The ``cimis`` command: ``phantom``, ``manifest``, ``train``, ``learn``, ``segment``, ``evaluate``, ``demo``,
-``worker`` (one job file, JSON events on stdout: cimis/worker.py) and ``models`` (the registry: cimis/registry.py).
+``bench`` (cimis/bench/), ``worker`` (one job file, JSON events on stdout: cimis/worker.py) and ``models`` (the registry: cimis/registry.py).
 
 Every subcommand turns user mistakes into one ``error: ...`` line on stderr and exit status 2; warnings
 are one ``warning: ...`` line each. Tracebacks are for bugs only.
@@ -139,6 +139,12 @@ def cmd_demo(args) -> None:
     run_demo(Path(args.out), device=args.device, overwrite=args.overwrite, segmentation_only=args.segmentation_only)
 
 
+def cmd_bench(args) -> None:
+    from cimis.bench.command import bench_command
+
+    bench_command(args)
+
+
 def cmd_worker(args) -> None:
     from cimis.worker import worker_main
 
@@ -244,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segmentation-only", action="store_true",
                    help="stop after training on all 13 organs and segmenting the held-out phantom")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="benchmark incremental schedules: every method, per-class Dice after every step, "
+                       "tables and plots (resumable)")
+    from cimis.bench.command import add_arguments as add_bench_arguments
+
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("worker", help="run one job file (train, learn, segment); JSON events on stdout")
     p.add_argument("job", help="job file (docs/worker-protocol.md)")

@@ -1,0 +1,157 @@
+"""``cimis bench``: its options, and the command that runs the benchmarks they describe and writes the reports.
+
+Options start from a preset (``--quick``, ``--full``, or the plain defaults of :class:`BenchConfig`) and every
+option given on the command line overrides the preset's value. This module imports the engine lazily, so
+building the ``cimis`` parser stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+from cimis.errors import CimisError
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from cimis.cli import _floats, _ints  # the same number parsing as the other subcommands
+
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true",
+                      help="phantoms on the CPU: BTCV 7-3, all methods, one seed (about 30 minutes on 2 cores)")
+    mode.add_argument("--full", action="store_true",
+                      help="real CT on a GPU: METHOD.md's schedules on --btcv and/or --word, three seeds")
+    p.add_argument("--out", required=True, help="output folder; run the same command again to resume")
+    p.add_argument("--dataset", help="phantoms (default), btcv, word (with --data-root), or a manifest JSON")
+    p.add_argument("--data-root", help="the BTCV or WORD folder for --dataset btcv/word")
+    p.add_argument("--btcv", help="--full: the BTCV folder")
+    p.add_argument("--word", help="--full: the WORD folder")
+    p.add_argument("--schedule", help="N-M (e.g. 7-3) or explicit groups like spleen,liver/aorta/6,7")
+    p.add_argument("--order", help="class order for N-M: dataset (default), seed:K (a seeded permutation), or names")
+    p.add_argument("--methods", help="comma-separated (default: joint,ft,lwf,ilt,mib,plop,pgcd-dapd); "
+                   "STRATEGY-no-SWITCH turns an ablation switch off")
+    p.add_argument("--ablation", action="store_true",
+                   help="pgcd-dapd with each switch of METHOD.md section 7 off in turn; writes ablation.md")
+    p.add_argument("--seeds", type=_seed_list, help="comma-separated, e.g. 0,1,2")
+    p.add_argument("--base-iterations", type=int, help="step 0's (and joint's) training iterations")
+    p.add_argument("--base-lr", type=float)
+    p.add_argument("--step-iterations", type=int, help="iterations of every later step (default: step 0's)")
+    p.add_argument("--step-lr", type=float, help="default: cimis learn's (a tenth of step 0's)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--network", choices=["small", "dynunet"])
+    p.add_argument("--spacing", type=_floats, help="model-space spacing in mm")
+    p.add_argument("--patch", type=_ints, help="patch size in voxels")
+    p.add_argument("--phantom-cases", type=int, help="phantoms to generate (train + val + test)")
+    p.add_argument("--phantom-spacing", type=float, help="phantom voxel size in mm")
+    p.add_argument("--phantom-test-cases", type=int)
+    p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, help="PyTorch CPU threads")
+    p.add_argument("--no-predictions", action="store_true", help="do not keep the test predictions")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from the stored results")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def bench_command(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CimisError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    for out, config in configs_from(args):
+        run_and_report(out, config, args.ablation, args.report_only, progress=not args.quiet)
+
+
+def configs_from(args: argparse.Namespace) -> list[tuple[Path, "BenchConfig"]]:  # noqa: F821
+    """The benchmarks the options ask for, each with its output folder."""
+    from cimis.bench.config import BenchConfig, PhantomData
+    from cimis.bench.methods import ablation_methods
+    from cimis.bench.presets import ABLATION_SCHEDULE, SCHEDULES, full_config, quick_config
+
+    out = Path(args.out)
+    if args.ablation and args.methods:
+        raise CimisError("--ablation chooses the methods itself", "leave out --methods, or leave out --ablation")
+    methods = ablation_methods() if args.ablation else (args.methods.split(",") if args.methods else None)
+    if args.full:
+        roots = {"btcv": args.btcv, "word": args.word}
+        if args.dataset in ("btcv", "word") and args.data_root:
+            roots[args.dataset] = args.data_root
+        roots = {k: v for k, v in roots.items() if v}
+        if not roots:
+            raise CimisError("--full runs on real CT", "give --btcv DIR and/or --word DIR")
+        if args.device is None and not torch_cuda_available():
+            raise CimisError("--full is sized for a GPU and none is available",
+                             "run --quick, or pass --device cpu to run it on the CPU anyway")
+        planned = []
+        for dataset, root in roots.items():
+            schedules = [args.schedule] if args.schedule else (
+                [ABLATION_SCHEDULE[dataset]] if args.ablation else list(SCHEDULES[dataset]))
+            planned += [(out / f"{dataset}-{s.replace('/', '_')}", full_config(dataset, root, s, methods))
+                        for s in schedules]
+    else:
+        base = quick_config(methods) if args.quick else BenchConfig(methods=methods) if methods else BenchConfig()
+        planned = [(out, base)]
+
+    result = []
+    for folder, config in planned:
+        overrides = {k: v for k, v in {
+            "schedule": args.schedule, "order": args.order, "seeds": args.seeds,
+            "base_iterations": args.base_iterations, "base_lr": args.base_lr,
+            "step_iterations": args.step_iterations, "step_lr": args.step_lr, "batch_size": args.batch_size,
+            "network": args.network, "spacing": args.spacing, "patch": args.patch, "device": args.device,
+        }.items() if v is not None}
+        if not args.full and args.dataset:
+            overrides["dataset"] = args.dataset
+            overrides["data_root"] = args.data_root
+        if args.no_predictions:
+            overrides["save_predictions"] = False
+        phantom = {k: v for k, v in {"cases": args.phantom_cases, "spacing": args.phantom_spacing,
+                                       "test_cases": args.phantom_test_cases}.items() if v is not None}
+        if phantom:
+            overrides["phantoms"] = PhantomData(**{**vars(config.phantoms), **phantom})
+        result.append((folder, replace(config, **overrides)))
+    return result
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run_and_report(out: Path, config, ablation: bool, report_only: bool, progress: bool = True) -> dict[str, Path]:
+    """Run (or, with ``report_only``, only report) one benchmark; print its summary; return the files written."""
+    from cimis.bench.ablation import write_ablation
+    from cimis.bench.config import CONFIG_NAME
+    from cimis.bench.plots import write_plots
+    from cimis.bench.report import BenchReport
+    from cimis.bench.results import load_results
+    from cimis.bench.runner import prepare, run_bench
+
+    if report_only and not (out / CONFIG_NAME).is_file():
+        raise CimisError(f"{out} holds no benchmark to report on", "run cimis bench without --report-only first")
+    bench = prepare(config, out, progress)
+    units = bench.units()
+    print(f"benchmark in {out}: {bench.manifest.name}, schedule {config.schedule} "
+          f"({bench.schedule.describe()} classes), {len(bench.methods)} method(s), seeds {config.seeds}, "
+          f"{len(units)} units on {bench.device.type}")
+    if not report_only:
+        counts = run_bench(bench, progress)
+        print(f"{counts['finished before']} unit(s) finished before, {counts['computed']} computed now")
+    report = BenchReport(bench.schedule, [m.name for m in bench.methods], list(config.seeds),
+                         load_results(out, units), bench.stored)
+    paths = report.write(out)
+    paths.update(write_plots(report, out))
+    if ablation:
+        paths.update(write_ablation(report, out))
+    print(report.terminal_summary())
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return paths
