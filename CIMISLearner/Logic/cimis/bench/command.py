@@ -39,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", help="comma-separated (default: joint,ft,lwf,ilt,mib,plop,pgcd-dapd); "
                    "STRATEGY-no-SWITCH turns an ablation switch off")
     p.add_argument("--ablation", action="store_true",
-                   help="pgcd-dapd with each switch of METHOD.md section 7 off in turn; writes ablation.md")
+                   help="pgcd-dapd with each switch of METHOD.md section 7 off in turn; writes ablation.md "
+                   "(--quick: schedule 7-6; --full: BTCV 7-3, WORD 8-4)")
     p.add_argument("--seeds", type=_seed_list, help="comma-separated, e.g. 0,1,2")
     p.add_argument("--base-iterations", type=int, help="step 0's (and joint's) training iterations")
     p.add_argument("--base-lr", type=float)
@@ -97,7 +98,10 @@ def configs_from(args: argparse.Namespace) -> list[tuple[Path, "BenchConfig"]]: 
             planned += [(out / f"{dataset}-{s.replace('/', '_')}", full_config(dataset, root, s, methods))
                         for s in schedules]
     else:
-        base = quick_config(methods) if args.quick else BenchConfig(methods=methods) if methods else BenchConfig()
+        if args.quick:
+            base = quick_config(methods, ablation=args.ablation)
+        else:
+            base = BenchConfig(methods=methods) if methods else BenchConfig()
         planned = [(out, base)]
 
     result = []

@@ -13,6 +13,8 @@ from cimis.bench.methods import DEFAULT_METHODS
 # METHOD.md section 9.
 SCHEDULES = {"btcv": ("7-6", "7-3", "7-2", "9-1", "4-3"), "word": ("8-8", "8-4", "8-2", "12-1")}
 ABLATION_SCHEDULE = {"btcv": "7-3", "word": "8-4"}
+# --quick --ablation: eight variants of pgcd-dapd; one step (7-6) keeps it near the main --quick's time.
+QUICK_ABLATION_SCHEDULE = "7-6"
 
 # --quick, measured on CPU-2 (docs/benchmarks.md): 4 mm phantoms, the small UNet on 48x48x32 patches.
 QUICK_PHANTOMS = PhantomData(variant="btcv", cases=13, spacing=4.0, seed=0, val_cases=1, test_cases=2)
@@ -26,9 +28,10 @@ FULL_BASE_ITERATIONS = 5000
 FULL_SEEDS = [0, 1, 2]
 
 
-def quick_config(methods: list[str] | None = None) -> BenchConfig:
+def quick_config(methods: list[str] | None = None, ablation: bool = False) -> BenchConfig:
     return BenchConfig(
-        dataset="phantoms", phantoms=PhantomData(**vars(QUICK_PHANTOMS)), schedule="7-3", order="dataset",
+        dataset="phantoms", phantoms=PhantomData(**vars(QUICK_PHANTOMS)),
+        schedule=QUICK_ABLATION_SCHEDULE if ablation else "7-3", order="dataset",
         methods=list(methods or DEFAULT_METHODS), seeds=[0], network="small",
         spacing=[QUICK_PHANTOMS.spacing] * 3, patch=list(QUICK_PATCH), batch_size=2,
         base_iterations=QUICK_BASE_ITERATIONS, base_lr=QUICK_BASE_LR, step_iterations=QUICK_STEP_ITERATIONS,

@@ -4,7 +4,7 @@ evaluation that ran, and resuming (an interrupted run finishes without recomputi
 The configuration: four 8 mm phantoms (two train, one val, one test), the small network on 32x32x16 patches,
 a base model on four organs, then two steps (two organs, one organ) with ft and pgcd-dapd, one seed, a few
 iterations each. The first run is interrupted in the middle of a step's training; the second finishes it;
-the third finds nothing to do.
+the third finds nothing to do; the fourth re-evaluates a unit whose result file was lost.
 """
 
 from __future__ import annotations
@@ -67,7 +67,11 @@ def bench(tmp_path_factory):
 
     patch.setattr(runner, "train_model", train)
     runs = []
-    for interrupt_at in ("seed0/ft/step2", None, None):
+    for run, interrupt_at in enumerate(("seed0/ft/step2", None, None, None)):
+        if run == 3:  # as if the process had stopped between saving a model and storing its evaluation
+            lost = out / "results" / "seed0" / "pgcd-dapd" / "step2.json"
+            runs[-1]["lost"] = json.loads(lost.read_text())
+            lost.unlink()
         calls.append([])
         patch.setattr(runner, "learn_step", lambda *a, **k: learn(
             *a, **k, interrupt=interrupt_at is not None and str(a[2]).endswith(interrupt_at)))
@@ -80,7 +84,7 @@ def bench(tmp_path_factory):
 
 
 def test_an_interrupted_run_resumes_without_recomputing(bench):
-    out, (first, second, third) = bench
+    out, (first, second, third, _) = bench
     assert first["code"] == 130  # interrupted
     assert sorted(first["after"]) == sorted(f"{u}.json" for u in UNITS[:3])
     assert first["checkpoint_left"]
@@ -91,6 +95,16 @@ def test_an_interrupted_run_resumes_without_recomputing(bench):
     for name, content in first["after"].items():
         assert second["after"][name] == content, f"{name} was rewritten"
     assert third["code"] == 0 and third["calls"] == [] and third["after"] == second["after"]
+
+
+def test_a_unit_with_a_saved_model_is_only_evaluated_again(bench):
+    _, (*_, third, fourth) = bench
+    assert fourth["code"] == 0 and fourth["calls"] == []  # nothing trained
+    again = json.loads(fourth["after"]["seed0/pgcd-dapd/step2.json"][0])
+    assert again["dice"] == third["lost"]["dice"] and again["seconds_per_iteration"] == third["lost"]["seconds_per_iteration"]
+    for name, content in third["after"].items():
+        if name != "seed0/pgcd-dapd/step2.json":
+            assert fourth["after"][name] == content
 
 
 def _results(out: Path) -> dict[str, dict]:
