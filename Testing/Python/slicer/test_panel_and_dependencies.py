@@ -1,0 +1,61 @@
+"""The panel's rules (which buttons, which message) and the first-use install plan, without Qt."""
+
+from __future__ import annotations
+
+from cimis_slicer.dependencies import InstallPlan, missing_requirements, read_requirements
+from cimis_slicer.panel import PanelInputs, panel_view, parse_structure_names
+from cimis_slicer.worker_process import JobStatus, format_duration
+
+
+def test_nothing_chosen_only_asks_for_a_registry():
+    view = panel_view(PanelInputs())
+    assert not (view.segment_enabled or view.learn_enabled or view.add_structures_enabled or view.cancel_enabled)
+    assert "registry" in view.status
+
+
+def test_no_volume_disables_segment_and_learn_and_says_so():
+    view = panel_view(PanelInputs(registry_ok=True, segmentation_selected=True))
+    assert not view.segment_enabled and not view.learn_enabled
+    assert "volume" in view.status
+
+
+def test_ready_to_learn_and_add_structures():
+    view = panel_view(PanelInputs(registry_ok=True, volume_selected=True, segmentation_selected=True,
+                                  new_structure_names="pancreas"))
+    assert view.segment_enabled and view.learn_enabled and view.add_structures_enabled and not view.cancel_enabled
+    assert panel_view(PanelInputs(registry_ok=True, volume_selected=True)).learn_enabled is False
+
+
+def test_running_job_allows_only_cancel_and_shows_progress():
+    status = JobStatus(stage="training", iteration=12, total=300, loss=0.8123, eta_s=754, device="cpu")
+    view = panel_view(PanelInputs(registry_ok=True, volume_selected=True, segmentation_selected=True,
+                                  job_running=True, job_kind="learn", job_status=status.describe(),
+                                  version_selected=True))
+    assert view.cancel_enabled and not (view.segment_enabled or view.learn_enabled or view.activate_enabled)
+    assert not view.settings_enabled
+    assert view.status == "learn: training 12/300, loss 0.812, about 12 min 34 s left (cpu)"
+
+
+def test_worker_error_is_shown_as_an_error():
+    view = panel_view(PanelInputs(registry_ok=True, volume_selected=True, last_message="boom (fix it)",
+                                  last_failed=True))
+    assert view.status == "boom (fix it)" and view.status_is_error and view.segment_enabled
+
+
+def test_structure_names_and_durations():
+    assert parse_structure_names(" pancreas, right adrenal gland;; ,") == ["pancreas", "right adrenal gland"]
+    assert [format_duration(s) for s in (5, 65, 7300)] == ["5 s", "1 min 05 s", "2 h 01 min"]
+
+
+def test_install_plan_lists_only_what_is_missing(tmp_path):
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# comment\nnumpy>=1.0  # present\nnumpy>=999\nno-such-package-cimis>=1\n")
+    assert read_requirements(requirements) == ["numpy>=1.0", "numpy>=999", "no-such-package-cimis>=1"]
+    plan = missing_requirements(requirements)
+    assert plan.requirements == ["numpy>=999", "no-such-package-cimis>=1"]
+    assert not plan.torch_missing and "no-such-package-cimis" in plan.question()
+    assert InstallPlan().nothing_to_do
+
+
+def test_shipped_requirements_are_satisfied_in_the_dev_environment():
+    assert missing_requirements().nothing_to_do
