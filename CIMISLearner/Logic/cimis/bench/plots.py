@@ -24,6 +24,11 @@ def _value(stat: dict) -> tuple[float, float]:
     return mean, std
 
 
+def _error_bars(values: list[tuple[float, float]]) -> list[float] | None:
+    """The standard deviations, or None with a single seed (no spread to show)."""
+    return [v[1] for v in values] if any(v[1] for v in values) else None
+
+
 def mean_dice_per_step_png(report: BenchReport, path: Path) -> Path:
     """Three panels (step-0 classes, later classes, all classes): a line per method over the steps, with
     the standard deviation over seeds as error bars."""
@@ -34,7 +39,7 @@ def mean_dice_per_step_png(report: BenchReport, path: Path) -> Path:
         steps = [t for t in report.steps if not (group == "later" and t == 0)]
         for method in report.methods:
             values = [_value(summary[method][t][group]) for t in steps]
-            ax.errorbar(steps, [v[0] for v in values], yerr=[v[1] for v in values], marker="o", capsize=3,
+            ax.errorbar(steps, [v[0] for v in values], yerr=_error_bars(values), marker="o", capsize=3,
                         label=method)
         ax.set_title(f"{GROUP_TITLES[group]}")
         ax.set_xlabel("step")
@@ -55,12 +60,12 @@ def last_step_per_class_png(report: BenchReport, path: Path) -> Path:
     t = report.last_step
     classes = list(report.schedule.known_after(t))
     width = 0.8 / max(len(report.methods), 1)
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.9 * len(classes) * max(1, len(report.methods) / 4)), 4.8))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(8.0, 0.25 * len(classes) * len(report.methods))), 4.8))
     x = np.arange(len(classes))
     for i, method in enumerate(report.methods):
         values = [_value(per_class[method][t][c]) for c in classes]
         ax.bar(x + (i - (len(report.methods) - 1) / 2) * width, [v[0] for v in values], width,
-               yerr=[v[1] for v in values], label=method, capsize=2)
+               yerr=_error_bars(values), label=method, capsize=2)
     boundary = len(report.schedule.step0) - 0.5
     ax.axvline(boundary, color="gray", linestyle="--", linewidth=1)
     ax.set_xticks(x)
