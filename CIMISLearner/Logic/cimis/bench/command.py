@@ -50,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--network", choices=["small", "dynunet"])
     p.add_argument("--spacing", type=_floats, help="model-space spacing in mm")
     p.add_argument("--patch", type=_ints, help="patch size in voxels")
+    p.add_argument("--phantom-variant", choices=["btcv", "word"], help="phantoms with the 13 BTCV or 16 WORD organs")
     p.add_argument("--phantom-cases", type=int, help="phantoms to generate (train + val + test)")
     p.add_argument("--phantom-spacing", type=float, help="phantom voxel size in mm")
     p.add_argument("--phantom-test-cases", type=int)
@@ -117,7 +118,8 @@ def configs_from(args: argparse.Namespace) -> list[tuple[Path, "BenchConfig"]]: 
             overrides["data_root"] = args.data_root
         if args.no_predictions:
             overrides["save_predictions"] = False
-        phantom = {k: v for k, v in {"cases": args.phantom_cases, "spacing": args.phantom_spacing,
+        phantom = {k: v for k, v in {"variant": args.phantom_variant, "cases": args.phantom_cases,
+                                       "spacing": args.phantom_spacing,
                                        "test_cases": args.phantom_test_cases}.items() if v is not None}
         if phantom:
             overrides["phantoms"] = PhantomData(**{**vars(config.phantoms), **phantom})
