@@ -6,7 +6,7 @@ section 7 turned off: ``pgcd-dapd-no-spatial-weight`` is ``pgcd-dapd`` with ``sp
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from cimis.errors import CimisError
 from cimis.incremental.base import StepOptions
@@ -14,8 +14,9 @@ from cimis.incremental.strategies import STRATEGIES
 
 # Table order: the upper bound, the lower bound, the baselines, our method.
 DEFAULT_METHODS = ("joint", "ft", "lwf", "ilt", "mib", "plop", "pgcd-dapd")
-# METHOD.md section 7's ablation switches, each on in pgcd-dapd.
-ABLATION_SWITCHES = tuple(f.name for f in fields(StepOptions) if f.type in (bool, "bool"))
+# METHOD.md section 7's ablation switches (StepOptions fields), each on in pgcd-dapd.
+ABLATION_SWITCHES = ("pseudo_labels", "spatial_weight", "channel_weight", "output_term", "dapd_global", "dapd_local",
+                     "dynamic_background")
 _NO = "-no-"
 
 

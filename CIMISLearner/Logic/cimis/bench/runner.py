@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from cimis.bench.config import BenchConfig, check_output_folder, claim_output_folder, write_json_atomic
 from cimis.bench.memory import PeakMemory
 from cimis.bench.methods import Method, parse_methods
-from cimis.bench.results import BASE, RESULT_FORMAT, Unit, read_result
+from cimis.bench.results import BASE, RESULT_FORMAT, Unit
 from cimis.bench.schedule import Schedule, parse_schedule
 from cimis.data.classes import ClassSet
 from cimis.data.manifest import Manifest

@@ -9,6 +9,7 @@ import pytest
 from cimis.bench.config import BenchConfig, claim_output_folder
 from cimis.bench.methods import ABLATION_SWITCHES, ablation_methods, parse_method, parse_methods
 from cimis.errors import CimisError
+from cimis.incremental.base import StepOptions
 
 
 def test_method_names_carry_their_switches():
@@ -17,6 +18,12 @@ def test_method_names_carry_their_switches():
     options = method.options()
     assert not options.spatial_weight and not options.dapd_local and options.pseudo_labels
     assert parse_method("ft").off == () and parse_method("ft").options().spatial_weight
+
+
+def test_ablation_switches_are_the_step_options_of_method_md_section_7():
+    defaults = StepOptions()
+    assert all(getattr(defaults, switch) is True for switch in ABLATION_SWITCHES)  # all on in pgcd-dapd
+    assert len(ABLATION_SWITCHES) == 7
 
 
 def test_ablation_turns_each_switch_off_once():
