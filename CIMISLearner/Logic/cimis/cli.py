@@ -1,4 +1,4 @@
-"""The ``cimis`` command: ``phantom``, ``manifest``, ``train``, ``learn``, ``segment``, ``evaluate``, ``demo``,
+"""The ``cimis`` command: ``phantom``, ``manifest``, ``train``, ``learn``, ``segment``, ``evaluate``, ``demo``, ``story``,
 ``bench`` (cimis/bench/), ``worker`` (one job file, JSON events on stdout: cimis/worker.py) and ``models`` (the registry: cimis/registry.py).
 
 Every subcommand turns user mistakes into one ``error: ...`` line on stderr and exit status 2; warnings
@@ -90,6 +90,7 @@ def cmd_learn(args) -> None:
     config = replace(config, val_every=args.val_every or max(config.iterations // 4, 1),
                      checkpoint_every=args.checkpoint_every or max(config.iterations // 4, 1))
     options = StepOptions.from_json({switch: False for switch in args.off or []})
+    options = replace(options, head_init=args.head_init)
     model = learn_step(args.model, manifest, args.out, args.new_classes, args.strategy, config, options,
                        resume=args.resume, overwrite=args.overwrite)
     print(f"model written to {model}")
@@ -137,6 +138,14 @@ def cmd_demo(args) -> None:
     from cimis.demo import run_demo
 
     run_demo(Path(args.out), device=args.device, overwrite=args.overwrite, segmentation_only=args.segmentation_only)
+
+
+def cmd_story(args) -> None:
+    from cimis.realct import run_real_ct_story
+
+    budgets = {k: v for k, v in (("base_iterations", args.base_iterations),
+                                 ("step_iterations", args.step_iterations)) if v is not None}
+    run_real_ct_story(Path(args.totalseg), Path(args.out), device=args.device, overwrite=args.overwrite, **budgets)
 
 
 def cmd_bench(args) -> None:
@@ -211,9 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="pgcd-dapd", choices=["pgcd-dapd", "ft", "lwf", "ilt", "mib", "plop", "joint"])
     p.add_argument("--off", type=_names, help="ablation: comma-separated switches to turn off (pseudo_labels, spatial_weight, "
                    "channel_weight, output_term, dapd_global, dapd_local, dynamic_background)")
+    p.add_argument("--head-init", choices=["balanced", "random"],
+                   help="how the new output channels start (default: the strategy's; docs/method.md)")
     p.add_argument("--iterations", type=int, help="default: step 0's")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, help="default: a tenth of step 0's")
+    p.add_argument("--lr", type=float, help="default: step 0's (docs/method.md)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto")
     p.add_argument("--val-every", type=int, default=0)
@@ -250,6 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segmentation-only", action="store_true",
                    help="stop after training on all 13 organs and segmenting the held-out phantom")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("story", help="the incremental story on the real CT of shared/data/totalseg_example: "
+                                     "how much of each old organ survives a step with ft and pgcd-dapd")
+    p.add_argument("--totalseg", required=True, help="the totalseg_example folder")
+    p.add_argument("--out", default="real_ct_story")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier story's output")
+    p.add_argument("--base-iterations", type=int, help="step 0's budget (default 400)")
+    p.add_argument("--step-iterations", type=int, help="the incremental step's budget (default 300)")
+    p.set_defaults(func=cmd_story)
 
     p = sub.add_parser("bench", help="benchmark incremental schedules: every method, per-class Dice after every step, "
                        "tables and plots (resumable)")

@@ -29,7 +29,8 @@ class StepOptions:
     dapd_global: bool = True
     dapd_local: bool = True
     dynamic_background: bool = True
-    lambda_f: float = 1.0
+    head_init: str | None = None  # "balanced" | "random"; None: the strategy's own (docs/method.md)
+    lambda_f: float = 0.1  # METHOD.md: 1, "tune on a validation split"; docs/method.md has the run
     lambda_o: float = 1.0
     lambda_p: float = 0.1
     tau_s: float = 0.1
@@ -40,6 +41,10 @@ class StepOptions:
     feature_kd_weight: float = 100.0  # ilt
     pod_features: float = 0.01  # plop
     pod_logits: float = 0.0005  # plop
+
+    def __post_init__(self):
+        if self.head_init not in (None, "balanced", "random"):
+            raise CimisError(f"unknown head init {self.head_init!r}", "use balanced or random")
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -24,7 +24,7 @@ from cimis.model.modelfile import ModelCard, load_model, load_prototypes, save_m
 from cimis.model.network import SegmentationNet
 from cimis.train import EventSink, TrainConfig
 
-LEARNING_RATE_FACTOR = 0.1  # METHOD.md section 7: a step trains at a tenth of step 0's learning rate
+LEARNING_RATE_FACTOR = 1.0  # METHOD.md section 7 suggests a tenth; too slow to learn new organs (docs/method.md)
 
 
 def resolve_new_classes(old: ClassSet, manifest: ClassSet, requested: list[str] | None) -> ClassSet:
@@ -97,7 +97,7 @@ def learn_step(
         label_classes = classes
     else:
         student = copy.deepcopy(old_net)
-        student.head.grow(len(new), init=cls.head_init)
+        student.head.grow(len(new), init=options.head_init or cls.head_init)
         label_classes = new
     trainer = cls(
         student, old_net=old_net, n_old=old_card.classes.num_channels, options=options, prototypes=old_prototypes,

@@ -79,3 +79,38 @@ def test_unknown_strategy_and_class_are_refused(base, tmp_path):
         learn_step(model, manifest, tmp_path / "x", NEW, "magic", _step_config(), progress=False)
     with pytest.raises(CimisError, match="not in the dataset"):
         learn_step(model, manifest, tmp_path / "x", ["appendix"], "ft", _step_config(), progress=False)
+
+
+@pytest.mark.parametrize("strategy, head_init", [("pgcd-dapd", None), ("pgcd-dapd", "balanced"), ("mib", None)])
+def test_new_channels_start_as_the_strategy_or_the_option_says(base, tmp_path, strategy, head_init):
+    from cimis.incremental.base import StepOptions
+
+    manifest, model = base
+    config = TrainConfig(iterations=1, device="cpu", val_every=1, checkpoint_every=1, learning_rate=1e-7)
+    new_model = learn_step(model, manifest, tmp_path / "step", NEW, strategy, config,
+                           StepOptions(head_init=head_init), progress=False)
+    net, card = load_model(new_model)
+    weight = net.head.conv.weight.detach()[:, :, 0, 0, 0]
+    n_old = len(BASE) + 1
+    balanced = head_init == "balanced" or (head_init is None and strategy == "mib")
+    # init-balanced copies the background channel into each new one; the default init does not.
+    copies_background = torch.allclose(weight[n_old:], weight[0].expand(len(NEW), -1), atol=1e-4)
+    assert copies_background == balanced
+    assert card.history[-1]["options"]["head_init"] == head_init
+
+
+def test_unknown_head_init_is_refused():
+    from cimis.incremental.base import StepOptions
+
+    with pytest.raises(CimisError, match="unknown head init"):
+        StepOptions(head_init="zeros")
+
+
+def test_a_step_defaults_to_step_zeros_budget_and_learning_rate(base):
+    from cimis.incremental.learn import default_step_config
+    from cimis.model.modelfile import load_card
+
+    _, model = base
+    step0 = load_card(model).history[0]["config"]
+    config = default_step_config(load_card(model))
+    assert (config.iterations, config.learning_rate) == (step0["iterations"], step0["learning_rate"])

@@ -1,7 +1,11 @@
 """``pgcd-dapd``: our method (Zhu et al., arXiv 2511.07749; METHOD.md sections 3-7).
 
-``L = L_seg(y~) + L_PGCD + L_DAPD``, pseudo-labels of the old organs, an init-balanced head, and the
-global prototype bank whose background prototype follows the old model's background after every step.
+``L = L_seg(y~) + L_PGCD + L_DAPD``, pseudo-labels of the old organs, and the global prototype bank whose
+background prototype follows the old model's background after every step. The new head channels start
+from PyTorch's default init, not MiB's init-balanced (METHOD.md section 2): with init-balanced every new
+channel starts at a seventh of the background probability on every voxel, the background voxels push all
+of them down at once, and in a step's budget they never come back (docs/method.md has the numbers).
+``--head-init balanced`` restores the specification's choice.
 """
 
 import torch
@@ -15,7 +19,7 @@ from cimis.incremental.prototypes import PrototypeBank
 
 class PGCDDAPD(IncrementalTrainer):
     name = "pgcd-dapd"
-    head_init = "balanced"
+    head_init = "random"
     uses_pseudo_labels = True
 
     def __init__(self, *args, **kwargs):
