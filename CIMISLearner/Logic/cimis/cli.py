@@ -268,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="real_ct_story")
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier story's output")
-    p.add_argument("--base-iterations", type=int, help="step 0's budget (default 400)")
-    p.add_argument("--step-iterations", type=int, help="the incremental step's budget (default 300)")
+    p.add_argument("--base-iterations", type=int, help="step 0's budget (default 300)")
+    p.add_argument("--step-iterations", type=int, help="the incremental step's budget (default 200)")
     p.set_defaults(func=cmd_story)
 
     p = sub.add_parser("bench", help="benchmark incremental schedules: every method, per-class Dice after every step, "

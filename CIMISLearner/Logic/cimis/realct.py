@@ -23,8 +23,8 @@ REAL_CT_SPACING = [3.0, 3.0, 3.0]  # the CT's own
 REAL_CT_PATCH = [64, 64, 64]
 REAL_CT_OLD = ["spleen", "right kidney", "left kidney", "liver", "stomach"]
 REAL_CT_NEW = ["aorta", "inferior vena cava", "gallbladder", "pancreas"]
-BASE_ITERATIONS = 400
-STEP_ITERATIONS = 300
+BASE_ITERATIONS = 300
+STEP_ITERATIONS = 200
 
 
 def run_real_ct_story(folder: Path, out: Path, device: str = "auto", overwrite: bool = False,
