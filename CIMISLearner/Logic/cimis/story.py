@@ -72,6 +72,7 @@ class StoryResult:
     new: list[str]
     reports: dict[str, EvaluationReport] = field(default_factory=dict)
     seconds_per_iteration: dict[str, float] = field(default_factory=dict)
+    evaluated_on: str = "held-out data"
 
     def summary(self) -> dict[str, dict[str, float]]:
         rows = {}
@@ -90,7 +91,7 @@ class StoryResult:
     def to_markdown(self) -> str:
         summary = self.summary()
         columns = list(next(iter(summary.values())))
-        text = "Mean Dice on held-out data (n/a: the model does not have that class)\n\n"
+        text = f"Mean Dice on {self.evaluated_on} (n/a: the model does not have that class)\n\n"
         text += format_class_table(summary, columns, first_column="model") + "\n\n"
         text += format_class_table(self.per_class(), list(self.reports), first_column="class")
         return text
@@ -132,7 +133,8 @@ def run_story(
     manifest = Manifest.load(manifest_path)
     old, new = manifest.classes.subset(old_names), manifest.classes.subset(new_names)
     device = base_config.device
-    result = StoryResult(old.names, new.names)
+    evaluated_on = "held-out data" if eval_split == "test" else f"the {eval_split!r} split"
+    result = StoryResult(old.names, new.names, evaluated_on=evaluated_on)
     say = print if progress else (lambda *a, **k: None)
 
     if joint:
