@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-iterations", type=int, help="step 0's (and joint's) training iterations")
     p.add_argument("--base-lr", type=float)
     p.add_argument("--step-iterations", type=int, help="iterations of every later step (default: step 0's)")
-    p.add_argument("--step-lr", type=float, help="default: cimis learn's (a tenth of step 0's)")
+    p.add_argument("--step-lr", type=float, help="default: cimis learn's (step 0's)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--network", choices=["small", "dynunet"])
     p.add_argument("--spacing", type=_floats, help="model-space spacing in mm")

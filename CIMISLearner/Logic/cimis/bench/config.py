@@ -45,7 +45,7 @@ class BenchConfig:
         order: the class order of an "N-M" schedule: ``dataset``, ``seed:K`` or a list of names.
         base_iterations, base_lr: step 0's budget; also that of ``joint``, which trains from scratch.
         step_iterations, step_lr: each later step's budget; None takes step 0's iterations and
-            ``cimis learn``'s default learning rate (a tenth of step 0's).
+            ``cimis learn``'s default learning rate (step 0's).
     """
 
     dataset: str = "phantoms"

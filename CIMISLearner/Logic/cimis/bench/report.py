@@ -205,7 +205,7 @@ class BenchReport:
         lines = [f"# Benchmark: {cfg.get('dataset')}, schedule {cfg.get('schedule')} ({self.schedule.describe()} classes)", ""]
         lines += [f"- step {t}: {', '.join(s)}" for t, s in enumerate(self.schedule.steps)]
         step_iterations = cfg.get("step_iterations") or "step 0's"
-        step_lr = cfg.get("step_lr") or "cimis learn's default rate (a tenth of step 0's)"
+        step_lr = cfg.get("step_lr") or "cimis learn's default rate (step 0's)"
         lines += ["", f"Methods: {', '.join(self.methods)}. Seeds: {', '.join(map(str, self.seeds))}. "
                   f"Class order: {cfg.get('order')}. Network: {cfg.get('network')}, spacing {cfg.get('spacing')} mm, "
                   f"patch {cfg.get('patch')}, batch {cfg.get('batch_size')}. Budget: step 0 (and joint, which "

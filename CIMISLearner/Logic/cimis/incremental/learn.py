@@ -74,7 +74,7 @@ def learn_step(
         manifest: the step's data; its labels carry only the new classes (other values are ignored).
         new_classes: names of the classes to learn (default: the manifest's classes the model lacks).
         strategy: one of :data:`~cimis.incremental.strategies.STRATEGIES`.
-        config: budget; when None, step 0's settings at a tenth of its learning rate.
+        config: budget; when None, step 0's settings (docs/method.md).
     """
     if strategy not in STRATEGIES:
         raise CimisError(f"unknown strategy {strategy!r}", f"choose one of {', '.join(STRATEGIES)}")
@@ -126,7 +126,7 @@ def learn_step(
 
 
 def default_step_config(card: ModelCard) -> TrainConfig:
-    """Step 0's settings (from the model's history) at a tenth of its learning rate."""
+    """Step 0's settings (from the model's history), its learning rate times LEARNING_RATE_FACTOR."""
     base = next((h.get("config") for h in card.history if h.get("kind") == "train"), None)
     config = TrainConfig(**base) if base else TrainConfig()
     return replace(config, learning_rate=config.learning_rate * LEARNING_RATE_FACTOR)
