@@ -16,6 +16,7 @@ from pathlib import Path
 from cimis.data.adapters import TOTALSEG_CASE_ID, from_totalseg_example
 from cimis.data.preprocess import PreprocessConfig
 from cimis.demo import prepare_output
+from cimis.metrics import format_class_table
 from cimis.story import StoryResult, run_story
 from cimis.train import TrainConfig
 
@@ -53,8 +54,6 @@ def run_real_ct_story(folder: Path, out: Path, device: str = "auto", overwrite: 
 
 def survival_table(result: StoryResult) -> str:
     """Per old organ: the base model's Dice and the share of it each strategy keeps after the step."""
-    from cimis.metrics import format_class_table
-
     base = result.reports["base"].mean_dice()
     strategies = [m for m in result.reports if m not in ("base", "joint")]
     rows = {}

@@ -585,6 +585,11 @@ class JobRun:
         """From here on the output folder holds the job's progress (checkpoints, label maps) and is kept."""
         self.can_roll_back = False
 
+    def start_or_finished(self) -> tuple[dict, dict | None]:
+        """The job state to run with, and the result when an earlier run of this job already finished."""
+        state, resuming = self.start_state({})
+        return state, (self.work.read_result() if resuming else None)
+
     def start_state(self, extra: dict) -> tuple[dict, bool]:
         """The job state to run with and whether it continues an earlier run (checked, nothing written)."""
         saved = self.work.read_state() if self.resume else None
@@ -641,8 +646,7 @@ def run_train(run: JobRun) -> dict:
     classes = manifest.classes.subset(job.class_names) if job.class_names else manifest.classes
     run.stage("checking", kind=job.kind, output=job.output, registry=job.registry)
     _check_registry_for_training(job)
-    state, resuming = run.start_state({})
-    previous = run.work.read_result() if resuming else None
+    state, previous = run.start_or_finished()
     if previous is not None:
         return previous
     check_training_data(manifest, classes)
@@ -712,8 +716,7 @@ def run_learn(run: JobRun) -> dict:
     manifest = job.manifest
     run.stage("checking", kind=job.kind, output=job.output, registry=job.registry)
     registry = Registry.open(job.registry)
-    state, resuming = run.start_state({})
-    previous = run.work.read_result() if resuming else None
+    state, previous = run.start_or_finished()
     if previous is not None:
         return previous
     base = state.get("base_version") or registry.resolve(settings["base_version"])
@@ -789,8 +792,7 @@ def run_segment(run: JobRun) -> dict:
     settings = job.settings
     run.stage("checking", kind=job.kind, output=job.output, registry=job.registry)
     registry = Registry.open(job.registry)
-    state, resuming = run.start_state({})
-    previous = run.work.read_result() if resuming else None
+    state, previous = run.start_or_finished()
     if previous is not None:
         return previous
     version = state.get("version") or registry.resolve(settings["version"])
