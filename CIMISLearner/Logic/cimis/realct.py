@@ -34,9 +34,10 @@ def run_real_ct_story(folder: Path, out: Path, device: str = "auto", overwrite: 
     """Base model on :data:`REAL_CT_OLD`, one step learning :data:`REAL_CT_NEW`; writes ``out/story.md``,
     ``story.json``, ``overlay.png`` and a per-organ survival table ``survival.md``."""
     started = time.perf_counter()
+    example = from_totalseg_example(folder)  # checks the input before anything is written
     prepare_output(out, overwrite)
     # The only case is trained on and evaluated (split "train"; see the module docstring).
-    manifest = replace(from_totalseg_example(folder), splits={"train": [TOTALSEG_CASE_ID], "val": [TOTALSEG_CASE_ID]})
+    manifest = replace(example, splits={"train": [TOTALSEG_CASE_ID], "val": [TOTALSEG_CASE_ID]})
     manifest_path = manifest.save(out / "manifest.json", overwrite=True)
     preprocess = PreprocessConfig(spacing=REAL_CT_SPACING, patch_size=REAL_CT_PATCH)
     base = TrainConfig(iterations=base_iterations, batch_size=2, learning_rate=learning_rate, device=device,

@@ -1,14 +1,19 @@
-"""The real-CT story's survival table: each old organ's base Dice and the share each strategy keeps."""
+"""The real-CT story: its survival table (each old organ's base Dice and the share each strategy keeps) and
+the `cimis story` command on a TotalSegmentator-style folder."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
+from cimis.cli import main
+from cimis.data.adapters import TOTALSEG_CT, TOTALSEG_TO_BTCV
 from cimis.data.classes import ClassInfo, ClassSet
 from cimis.evaluate import compare_label_maps
 from cimis.metrics import EvaluationReport
-from cimis.realct import survival_table
+from cimis.data.phantom import generate_phantom
+from cimis.realct import REAL_CT_OLD, survival_table
 from cimis.story import StoryResult
 
 CLASSES = ClassSet([ClassInfo("liver", 1, None), ClassInfo("spleen", 2, None)])
@@ -34,3 +39,52 @@ def test_survival_is_each_strategys_dice_over_the_base_models():
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()[3:]}
     assert rows["liver"] == ["1.000", "1.000", "0.667"]
     assert rows["spleen"] == ["1.000", "0.000", "1.000"]
+
+
+# ------------------------------------------------------------------------------------- the `cimis story` command
+
+
+@pytest.fixture(scope="module")
+def totalseg_folder(tmp_path_factory):
+    """A TotalSegmentator-style folder (v2 label values) holding a BTCV phantom instead of the real CT."""
+    folder = tmp_path_factory.mktemp("totalseg")
+    phantom = generate_phantom(2, "btcv", (6.0, 6.0, 6.0))
+    btcv = sitk.GetArrayFromImage(phantom.label)
+    totalseg = np.zeros_like(btcv)
+    for totalseg_value, btcv_value in TOTALSEG_TO_BTCV["v2"].items():
+        totalseg[btcv == btcv_value] = totalseg_value
+    label = sitk.GetImageFromArray(totalseg)
+    label.CopyInformation(phantom.label)
+    sitk.WriteImage(phantom.image, str(folder / TOTALSEG_CT))
+    sitk.WriteImage(label, str(folder / "example_seg_total_v2.nii.gz"))
+    return folder
+
+
+def test_story_command_writes_the_story_and_the_survival_table(capsys, totalseg_folder, tmp_path):
+    out = tmp_path / "story"
+    code = main(["story", "--totalseg", str(totalseg_folder), "--out", str(out), "--device", "cpu",
+                 "--base-iterations", "2", "--step-iterations", "2"])
+    assert code == 0, capsys.readouterr().err
+    assert "the 'train' split" in (out / "story.md").read_text()  # one case: trained and evaluated on it
+    survival = (out / "survival.md").read_text()
+    rows = [line.split("|")[1].strip() for line in survival.splitlines()[4:]]
+    assert rows == REAL_CT_OLD
+    assert (out / "overlay.png").stat().st_size > 10_000
+
+
+def test_story_command_never_replaces_a_folder_it_did_not_write(capsys, totalseg_folder, tmp_path):
+    (tmp_path / "notes.txt").write_text("a user's file")
+    code = main(["story", "--totalseg", str(totalseg_folder), "--out", str(tmp_path), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "choose another --out" in err
+    assert (tmp_path / "notes.txt").read_text() == "a user's file"
+
+
+def test_story_command_on_a_folder_without_the_example_is_one_line(capsys, tmp_path):
+    code = main(["story", "--totalseg", str(tmp_path), "--out", str(tmp_path / "story")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error: ")] == [
+        line for line in err.splitlines() if line.strip()]
+    assert "example_ct.nii.gz" in err
+    assert not (tmp_path / "story").exists()  # the input is checked before anything is written

@@ -11,7 +11,7 @@ import csv
 from pathlib import Path
 
 from cimis.bench.config import write_json_atomic
-from cimis.bench.methods import parse_method
+from cimis.bench.methods import inert_switches, parse_method
 from cimis.bench.report import GROUP_TITLES, GROUPS, BenchReport, _cell, _csv
 from cimis.metrics import format_class_table
 
@@ -48,6 +48,14 @@ def ablation_rows(report: BenchReport) -> dict[str, dict]:
     return rows
 
 
+def _inert_note() -> str:
+    inert = [SWITCH_TITLES[s] for s in inert_switches()]
+    if not inert:
+        return ""
+    return (f"\nNot run: without {', '.join(inert)}. It weighs only the feature term L_f, which is off by default "
+            "(lambda_f = 0, docs/method.md), so turning it off changes nothing.\n")
+
+
 def write_ablation(report: BenchReport, out: Path) -> dict[str, Path]:
     """ablation.md, ablation.csv and ablation.json: one row per variant, the last step's figures."""
     out = Path(out)
@@ -63,7 +71,7 @@ def write_ablation(report: BenchReport, out: Path) -> dict[str, Path]:
             f"Dice on the test split after the last step (step {report.last_step})"
             + (", mean ± sample std over seeds" if len(report.seeds) > 1 else f", seed {report.seeds[0]}")
             + "; each row turns one switch off.\n\n"
-            + format_class_table(table, columns, "variant") + "\n")
+            + format_class_table(table, columns, "variant") + "\n" + _inert_note())
     paths = {"ablation_md": out / "ablation.md"}
     paths["ablation_md"].write_text(text)
     paths["ablation_json"] = write_json_atomic(out / "ablation.json", {

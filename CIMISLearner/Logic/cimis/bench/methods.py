@@ -62,6 +62,15 @@ def parse_methods(names: list[str]) -> list[Method]:
     return methods
 
 
+def inert_switches(options: StepOptions | None = None) -> tuple[str, ...]:
+    """Switches that change nothing under ``options`` (the defaults when None): the channel weight only
+    weighs the feature term, which is off by default (lambda_f = 0, docs/method.md)."""
+    options = options or StepOptions()
+    return ("channel_weight",) if options.lambda_f == 0 else ()
+
+
 def ablation_methods() -> list[str]:
-    """``pgcd-dapd`` with every switch on, then with each switch of METHOD.md section 7 off in turn."""
-    return ["pgcd-dapd"] + [f"pgcd-dapd{_NO}{s.replace('_', '-')}" for s in ABLATION_SWITCHES]
+    """``pgcd-dapd`` with every switch on, then with each switch of METHOD.md section 7 off in turn; a switch
+    that changes nothing under the default options (:func:`inert_switches`) is not run."""
+    inert = inert_switches()
+    return ["pgcd-dapd"] + [f"pgcd-dapd{_NO}{s.replace('_', '-')}" for s in ABLATION_SWITCHES if s not in inert]

@@ -5,13 +5,12 @@ labels with ``ft`` and ``pgcd-dapd``, both evaluated with full labels on a held-
 - ``ft`` loses most of it (keeps less than half);
 - ``pgcd-dapd`` reaches at least 90% of ``ft``'s mean Dice on the new organs.
 
-Small sizes (6 mm phantoms, an 8-64 channel UNet) keep it to a few minutes on two CPU cores; the step's
-budget and learning rate are step 0's, the defaults of ``cimis learn`` (docs/method.md).
-
-The third criterion does not hold here, and the test says so (strict xfail: it fails the suite the day it
-passes). The demo's step learns compact organs and meets it; this one learns the aorta, a thin vessel, and
-``pgcd-dapd`` reaches 0.70 on it against ``ft``'s 0.96 (new-organ mean 0.750 against 0.885, 85%; with
-400 iterations for both models, 0.58 against 0.96, 78%). docs/benchmarks.md records it as open work.
+Small sizes (6 mm phantoms, the ``small`` network preset of the demo) keep it to a few minutes on two CPU
+cores; the step's budget and learning rate are step 0's, the defaults of ``cimis learn`` (docs/method.md).
+The step's weights were chosen on this story's validation phantom, never on the test phantom scored here
+(docs/method.md has the runs). With a narrower 8-channel feature level the new aorta lagged (about 90% of
+``ft``'s new-organ Dice even with the feature term off): the features the head reads need room for the
+new classes beside the old ones.
 """
 
 from __future__ import annotations
@@ -20,13 +19,12 @@ import pytest
 
 from cimis.data.phantom import write_phantom_dataset
 from cimis.data.preprocess import PreprocessConfig
-from cimis.model.network import NetworkConfig
 from cimis.story import run_story
 from cimis.train import TrainConfig
 
 SPACING = [6.0, 6.0, 6.0]
 PATCH = [48, 48, 32]
-NETWORK = NetworkConfig(arch="unet", filters=[8, 16, 32, 64], strides=[2, 2, 2])
+NETWORK = "small"  # the demo's network: a residual UNet with 16..128 channels
 OLD = ["spleen", "right kidney", "left kidney", "liver"]
 NEW = ["stomach", "aorta"]
 BASE_ITERATIONS = 250
@@ -75,7 +73,6 @@ def test_pgcd_dapd_learns_the_new_organs_at_all(story):
     assert _means(story)["pgcd-dapd"][1] > 0.5, story.to_markdown()
 
 
-@pytest.mark.xfail(strict=True, reason="pgcd-dapd learns the new aorta much more slowly than ft (docs/benchmarks.md)")
 def test_pgcd_dapd_learns_the_new_organs(story):
     means = _means(story)
     assert means["pgcd-dapd"][1] >= 0.9 * means["ft"][1], story.to_markdown()
