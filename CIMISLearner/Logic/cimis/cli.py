@@ -90,7 +90,8 @@ def cmd_learn(args) -> None:
     config = replace(config, val_every=args.val_every or max(config.iterations // 4, 1),
                      checkpoint_every=args.checkpoint_every or max(config.iterations // 4, 1))
     options = StepOptions.from_json({switch: False for switch in args.off or []})
-    options = replace(options, head_init=args.head_init)
+    options = replace(options, head_init=args.head_init,
+                      **({} if args.lambda_f is None else {"lambda_f": args.lambda_f}))
     model = learn_step(args.model, manifest, args.out, args.new_classes, args.strategy, config, options,
                        resume=args.resume, overwrite=args.overwrite)
     print(f"model written to {model}")
@@ -222,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "channel_weight, output_term, dapd_global, dapd_local, dynamic_background)")
     p.add_argument("--head-init", choices=["balanced", "random"],
                    help="how the new output channels start (default: the strategy's; docs/method.md)")
+    p.add_argument("--lambda-f", type=float, help="pgcd-dapd: weight of PGCD's feature term (default 0, off; docs/method.md)")
     p.add_argument("--iterations", type=int, help="default: step 0's")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="default: step 0's (docs/method.md)")

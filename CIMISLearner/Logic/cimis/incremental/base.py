@@ -47,6 +47,9 @@ class StepOptions:
     def __post_init__(self):
         if self.head_init not in (None, "balanced", "random"):
             raise CimisError(f"unknown head init {self.head_init!r}", "use balanced or random")
+        for name in ("lambda_f", "lambda_o", "lambda_p"):
+            if not getattr(self, name) >= 0:  # also refuses NaN
+                raise CimisError(f"{name} must be a number of at least 0, not {getattr(self, name)}")
 
     def to_json(self) -> dict:
         return asdict(self)

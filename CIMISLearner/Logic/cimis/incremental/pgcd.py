@@ -42,20 +42,22 @@ class PGCDLoss(nn.Module):
         self.spatial_weight, self.channel_weight, self.output_term = spatial_weight, channel_weight, output_term
 
     @torch.no_grad()
-    def voxel_weights(self, old_features, old_logits, labels, prototypes, valid) -> torch.Tensor:
+    def voxel_weights(self, old_features, old_logits, labels, prototypes, valid, old_class=None) -> torch.Tensor:
         """``w (B, X, Y, Z)``: reliability ``r = A_{c'}`` normalised to mean 1 over participating voxels;
-        0 on voxels labelled with a new class."""
+        0 on voxels labelled with a new class. ``old_class`` is ``c'``, computed here when not given."""
         n_old = old_logits.shape[1]
         participating = labels < n_old
         if not self.spatial_weight:
             return participating.float()
-        cosine = torch.einsum(
-            "bd...,cd->bc...", F.normalize(old_features.float(), dim=1), F.normalize(prototypes.float(), dim=1)
-        )
+        if old_class is None:
+            old_class = old_predictions(old_logits)
+        b, d = old_features.shape[:2]
+        # (n_old, D) @ (B, D, V): one batched matmul, much faster on a CPU than einsum over 5-D tensors.
+        cosine = torch.matmul(F.normalize(prototypes.float(), dim=1), unit_channels(old_features.float()).view(b, d, -1))
         # Classes without a global prototype cannot vouch for any voxel.
-        cosine = cosine.masked_fill(~valid.view(1, -1, *([1] * (cosine.dim() - 2))), float("-inf"))
+        cosine = cosine.masked_fill(~valid.view(1, -1, 1), float("-inf")).view(b, n_old, *old_features.shape[2:])
         affinity = torch.softmax(cosine / self.tau_s, dim=1)
-        reliability = affinity.gather(1, old_logits.argmax(1, keepdim=True)).squeeze(1)
+        reliability = affinity.gather(1, old_class.unsqueeze(1)).squeeze(1)
         reliability = torch.nan_to_num(reliability) * participating
         mean = reliability.sum() / participating.sum().clamp_min(1)
         return reliability / mean.clamp_min(1e-12)
@@ -70,17 +72,35 @@ class PGCDLoss(nn.Module):
 
     def forward(self, features, old_features, logits, old_logits, labels, prototypes, valid):
         n_old = old_logits.shape[1]
-        weights = self.voxel_weights(old_features, old_logits, labels, prototypes, valid)
+        old_class = old_predictions(old_logits)  # c'(v)
+        weights = self.voxel_weights(old_features, old_logits, labels, prototypes, valid, old_class)
         count = (labels < n_old).sum().clamp_min(1)
-        old_class = old_logits.argmax(1)  # c'(v)
-        a = self.channel_weights(prototypes)[old_class].movedim(-1, 1)  # (B, D, X, Y, Z)
-        squared = (a * (features.float() - old_features.float()) ** 2).mean(1)
-        feature_term = (weights * squared).sum() / count
-        loss = self.lambda_f * feature_term
-        parts = {"pgcd_f": float(feature_term.detach())}
+        loss, parts = features.new_zeros((), dtype=torch.float32), {}
+        if self.lambda_f != 0:  # off by default (docs/method.md): then not computed at all
+            # sum_d a_{c'(v),d} sq_d(v) for every old class at once, then pick c'(v): a small matmul instead of
+            # gathering a (B, D, X, Y, Z) weight tensor.
+            squared = (features.float() - old_features.float()) ** 2
+            b, d = squared.shape[:2]
+            per_class = torch.matmul(self.channel_weights(prototypes), squared.view(b, d, -1)) / d
+            weighted = per_class.view(b, n_old, *squared.shape[2:]).gather(1, old_class.unsqueeze(1)).squeeze(1)
+            feature_term = (weights * weighted).sum() / count
+            loss = loss + self.lambda_f * feature_term
+            parts["pgcd_f"] = float(feature_term.detach())
         if self.output_term:
             kl = kl_per_voxel(old_logits.float(), unbiased_old_log_probs(logits.float(), n_old))
             output_term = (weights * kl).sum() / count
             loss = loss + self.lambda_o * output_term
             parts["pgcd_o"] = float(output_term.detach())
         return loss, parts
+
+
+def old_predictions(old_logits: torch.Tensor) -> torch.Tensor:
+    """``c'(v)``, the old model's class per voxel ``(B, X, Y, Z)``. ``max(1).indices`` rather than
+    ``argmax(1)``: the same classes, several times faster on a CPU for channel-first tensors."""
+    return old_logits.max(1).indices
+
+
+def unit_channels(x: torch.Tensor) -> torch.Tensor:
+    """``x / |x|`` along dim 1 (zero vectors stay zero), written out: ``F.normalize`` over the channels of a
+    5-D tensor is an order of magnitude slower on a CPU."""
+    return x * torch.rsqrt((x * x).sum(1, keepdim=True).clamp_min(1e-24))

@@ -36,7 +36,7 @@ class EntropyThresholds:
     def add(self, old_probs: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Count a batch ``(B, n_old, ...)`` of the old model's probabilities; ``valid (B, ...)`` masks out padding."""
         entropy = normalised_entropy(old_probs.float()).reshape(-1).cpu()
-        predicted = old_probs.argmax(1).reshape(-1).cpu()
+        predicted = old_probs.max(1).indices.reshape(-1).cpu()
         if valid is not None:
             keep = valid.reshape(-1).cpu().bool()
             entropy, predicted = entropy[keep], predicted[keep]
@@ -68,7 +68,7 @@ def pseudo_label_targets(
         thresholds: ``(n_old,)`` from :class:`EntropyThresholds`; ``None`` accepts every old prediction.
     """
     labels = labels.long()
-    predicted = old_probs.argmax(1)
+    predicted = old_probs.max(1).indices  # argmax(1), faster on a CPU (see pgcd.old_predictions)
     targets = torch.where(labels >= n_old, labels, torch.zeros_like(labels))
     unlabelled_old_organ = (labels < n_old) & (predicted > 0)
     if thresholds is None:

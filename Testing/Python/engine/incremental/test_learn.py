@@ -106,6 +106,14 @@ def test_unknown_head_init_is_refused():
         StepOptions(head_init="zeros")
 
 
+@pytest.mark.parametrize("weight", [-0.1, float("nan")])
+def test_a_negative_loss_weight_is_refused(weight):
+    from cimis.incremental.base import StepOptions
+
+    with pytest.raises(CimisError, match="lambda_f must be a number of at least 0"):
+        StepOptions(lambda_f=weight)
+
+
 def test_a_step_defaults_to_step_zeros_budget_and_learning_rate(base):
     from cimis.incremental.learn import default_step_config
     from cimis.model.modelfile import load_card
@@ -114,3 +122,23 @@ def test_a_step_defaults_to_step_zeros_budget_and_learning_rate(base):
     step0 = load_card(model).history[0]["config"]
     config = default_step_config(load_card(model))
     assert (config.iterations, config.learning_rate) == (step0["iterations"], step0["learning_rate"])
+
+
+def test_learn_command_passes_its_options_to_the_step(base, tmp_path, capsys):
+    from cimis.cli import main
+
+    manifest, model = base
+    code = main(["learn", "--model", str(model), "--manifest", str(manifest.save(tmp_path / "m.json")),
+                 "--out", str(tmp_path / "run"), "--new-classes", ",".join(NEW), "--off", "spatial_weight",
+                 "--head-init", "balanced", "--lambda-f", "0.2", "--iterations", "2", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    step = load_model(tmp_path / "run" / "model")[1].history[-1]
+    assert step["strategy"] == "pgcd-dapd" and step["config"]["iterations"] == 2
+    options = step["options"]
+    assert (options["spatial_weight"], options["head_init"], options["lambda_f"]) == (False, "balanced", 0.2)
+
+    code = main(["learn", "--model", str(model), "--manifest", str(tmp_path / "m.json"),
+                 "--out", str(tmp_path / "run2"), "--lambda-f", "-1", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "lambda_f must be a number of at least 0" in err and "Traceback" not in err
+    assert not (tmp_path / "run2").exists()

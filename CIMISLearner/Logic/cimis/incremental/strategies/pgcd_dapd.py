@@ -5,7 +5,9 @@ background prototype follows the old model's background after every step. The ne
 from PyTorch's default init, not MiB's init-balanced (METHOD.md section 2): with init-balanced every new
 channel starts at a seventh of the background probability on every voxel, the background voxels push all
 of them down at once, and in a step's budget they never come back (docs/method.md has the numbers).
-``--head-init balanced`` restores the specification's choice.
+``--head-init balanced`` restores the specification's choice. PGCD's feature term is off by default
+(``lambda_f = 0``, chosen on validation phantoms: it slowed the new organs and kept no old one better;
+``--lambda-f`` turns it on).
 """
 
 import torch
