@@ -53,7 +53,7 @@ class PGCDLoss(nn.Module):
             old_class = old_predictions(old_logits)
         b, d = old_features.shape[:2]
         # (n_old, D) @ (B, D, V): one batched matmul, much faster on a CPU than einsum over 5-D tensors.
-        cosine = torch.matmul(F.normalize(prototypes.float(), dim=1), unit_channels(old_features.float()).view(b, d, -1))
+        cosine = torch.matmul(F.normalize(prototypes.float(), dim=1), unit_channels(old_features.float()).reshape(b, d, -1))
         # Classes without a global prototype cannot vouch for any voxel.
         cosine = cosine.masked_fill(~valid.view(1, -1, 1), float("-inf")).view(b, n_old, *old_features.shape[2:])
         affinity = torch.softmax(cosine / self.tau_s, dim=1)
@@ -81,7 +81,7 @@ class PGCDLoss(nn.Module):
             # gathering a (B, D, X, Y, Z) weight tensor.
             squared = (features.float() - old_features.float()) ** 2
             b, d = squared.shape[:2]
-            per_class = torch.matmul(self.channel_weights(prototypes), squared.view(b, d, -1)) / d
+            per_class = torch.matmul(self.channel_weights(prototypes), squared.reshape(b, d, -1)) / d
             weighted = per_class.view(b, n_old, *squared.shape[2:]).gather(1, old_class.unsqueeze(1)).squeeze(1)
             feature_term = (weights * weighted).sum() / count
             loss = loss + self.lambda_f * feature_term

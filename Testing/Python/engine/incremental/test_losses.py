@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from cimis.incremental.dapd import DAPDLoss
 from cimis.incremental.distillation import plain_kd, unbiased_cross_entropy, unbiased_kd, unbiased_old_log_probs
-from cimis.incremental.pgcd import PGCDLoss
+from cimis.incremental.pgcd import PGCDLoss, old_predictions, unit_channels
 from cimis.incremental.pod import local_pod_loss
 from cimis.incremental.prototypes import IGNORE, PrototypeAccumulator, PrototypeBank, class_prototypes, masked_average
 from cimis.incremental.pseudo_labels import EntropyThresholds, normalised_entropy, pseudo_label_targets
@@ -164,6 +164,27 @@ def test_pgcd_is_zero_when_student_equals_teacher(teacher_student, batch):
     loss, parts = PGCDLoss()(features, old_features, logits, old_logits, labels, protos, valid)
     assert parts["pgcd_f"] == pytest.approx(0.0, abs=1e-7)
     assert parts["pgcd_o"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_pgcd_without_the_feature_term_is_lambda_o_times_the_output_term(teacher_student, batch):
+    teacher, student = teacher_student
+    image, labels = batch
+    logits, features = outputs(student, image)
+    old_logits, old_features = outputs(teacher, image)
+    old_features = old_features + 0.5  # a feature distance the full loss would count
+    protos, valid = prototypes_for(features, N_OLD)
+    full, full_parts = PGCDLoss(lambda_f=1.0, lambda_o=2.0)(features, old_features, logits, old_logits, labels, protos, valid)
+    loss, parts = PGCDLoss(lambda_f=0.0, lambda_o=2.0)(features, old_features, logits, old_logits, labels, protos, valid)
+    assert "pgcd_f" not in parts and full_parts["pgcd_f"] > 0  # not computed at weight 0
+    assert loss.item() == pytest.approx(2.0 * full_parts["pgcd_o"], rel=1e-5)
+    assert full.item() == pytest.approx(full_parts["pgcd_f"] + loss.item(), rel=1e-5)
+
+
+def test_the_fast_channel_helpers_match_torch():
+    x = torch.randn(2, 6, 5, 4, 3)
+    x[0, :, 0, 0, 0] = 0  # a zero vector stays zero, as with F.normalize
+    assert torch.equal(old_predictions(x), x.argmax(1))
+    torch.testing.assert_close(unit_channels(x), F.normalize(x, dim=1))
 
 
 def test_pgcd_ignores_new_class_voxels(teacher_student, batch):
