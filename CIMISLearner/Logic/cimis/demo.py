@@ -25,8 +25,8 @@ from cimis.data.phantom import write_phantom_dataset
 from cimis.data.preprocess import PreprocessConfig
 from cimis.errors import CimisError
 from cimis.figures import overlay_png
-from cimis.story import evaluate_model, run_story
-from cimis.train import TrainConfig, train_model
+from cimis.story import evaluate_model, run_story, single_pass_config
+from cimis.train import train_model
 
 MARKER = ".cimis-demo"
 
@@ -54,11 +54,9 @@ def prepare_output(out: Path, overwrite: bool) -> None:
 
 def demo_configs(device: str, base_iterations: int, step_iterations: int):
     preprocess = PreprocessConfig(spacing=DEMO_SPACING, patch_size=DEMO_PATCH)
-    base = TrainConfig(iterations=base_iterations, batch_size=2, learning_rate=3e-3, device=device,
-                       val_every=base_iterations, checkpoint_every=base_iterations)
+    base = single_pass_config(base_iterations, 3e-3, device)
     # A step at step 0's learning rate: at a tenth the new organs barely start (docs/method.md).
-    step = TrainConfig(iterations=step_iterations, batch_size=2, learning_rate=3e-3, device=device,
-                       val_every=step_iterations, checkpoint_every=step_iterations)
+    step = single_pass_config(step_iterations, 3e-3, device)
     return preprocess, base, step
 
 

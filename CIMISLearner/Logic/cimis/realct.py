@@ -17,8 +17,7 @@ from cimis.data.adapters import TOTALSEG_CASE_ID, from_totalseg_example
 from cimis.data.preprocess import PreprocessConfig
 from cimis.demo import prepare_output
 from cimis.metrics import format_class_table
-from cimis.story import StoryResult, run_story
-from cimis.train import TrainConfig
+from cimis.story import StoryResult, run_story, single_pass_config
 
 REAL_CT_SPACING = [3.0, 3.0, 3.0]  # the CT's own
 REAL_CT_PATCH = [64, 64, 64]
@@ -40,15 +39,14 @@ def run_real_ct_story(folder: Path, out: Path, device: str = "auto", overwrite: 
     manifest = replace(example, splits={"train": [TOTALSEG_CASE_ID], "val": [TOTALSEG_CASE_ID]})
     manifest_path = manifest.save(out / "manifest.json", overwrite=True)
     preprocess = PreprocessConfig(spacing=REAL_CT_SPACING, patch_size=REAL_CT_PATCH)
-    base = TrainConfig(iterations=base_iterations, batch_size=2, learning_rate=learning_rate, device=device,
-                       val_every=base_iterations, checkpoint_every=base_iterations)
-    step = TrainConfig(iterations=step_iterations, batch_size=2, learning_rate=learning_rate, device=device,
-                       val_every=step_iterations, checkpoint_every=step_iterations)
+    base = single_pass_config(base_iterations, learning_rate, device)
+    step = single_pass_config(step_iterations, learning_rate, device)
     result = run_story(manifest_path, out, REAL_CT_OLD, REAL_CT_NEW, preprocess, "small", base, step,
                        strategies=("ft", "pgcd-dapd"), joint=False, eval_split="train")
-    (out / "survival.md").write_text(survival_table(result) + "\n")
+    survival = survival_table(result)
+    (out / "survival.md").write_text(survival + "\n")
     print(result.to_markdown())
-    print(survival_table(result))
+    print(survival)
     print(f"done in {(time.perf_counter() - started) / 60:.1f} min; tables: {out / 'story.md'}, {out / 'survival.md'}")
     return result
 

@@ -112,6 +112,12 @@ def _json_number(x):
     return None if isinstance(x, float) and not np.isfinite(x) else x
 
 
+def single_pass_config(iterations: int, learning_rate: float, device: str) -> TrainConfig:
+    """A story's training run: batch 2, validated and checkpointed once, at the end."""
+    return TrainConfig(iterations=iterations, batch_size=2, learning_rate=learning_rate, device=device,
+                       val_every=iterations, checkpoint_every=iterations)
+
+
 def run_story(
     manifest_path: Path,
     out: Path,

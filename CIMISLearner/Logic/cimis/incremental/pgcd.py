@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cimis.incremental.distillation import kl_per_voxel, unbiased_old_log_probs
+from cimis.incremental.pseudo_labels import predicted_classes
 
 
 class PGCDLoss(nn.Module):
@@ -50,7 +51,7 @@ class PGCDLoss(nn.Module):
         if not self.spatial_weight:
             return participating.float()
         if old_class is None:
-            old_class = old_predictions(old_logits)
+            old_class = predicted_classes(old_logits)
         b, d = old_features.shape[:2]
         # (n_old, D) @ (B, D, V): one batched matmul, much faster on a CPU than einsum over 5-D tensors.
         cosine = torch.matmul(F.normalize(prototypes.float(), dim=1), unit_channels(old_features.float()).reshape(b, d, -1))
@@ -72,7 +73,7 @@ class PGCDLoss(nn.Module):
 
     def forward(self, features, old_features, logits, old_logits, labels, prototypes, valid):
         n_old = old_logits.shape[1]
-        old_class = old_predictions(old_logits)  # c'(v)
+        old_class = predicted_classes(old_logits)  # c'(v)
         weights = self.voxel_weights(old_features, old_logits, labels, prototypes, valid, old_class)
         count = (labels < n_old).sum().clamp_min(1)
         loss, parts = features.new_zeros((), dtype=torch.float32), {}
@@ -92,12 +93,6 @@ class PGCDLoss(nn.Module):
             loss = loss + self.lambda_o * output_term
             parts["pgcd_o"] = float(output_term.detach())
         return loss, parts
-
-
-def old_predictions(old_logits: torch.Tensor) -> torch.Tensor:
-    """``c'(v)``, the old model's class per voxel ``(B, X, Y, Z)``. ``max(1).indices`` rather than
-    ``argmax(1)``: the same classes, several times faster on a CPU for channel-first tensors."""
-    return old_logits.max(1).indices
 
 
 def unit_channels(x: torch.Tensor) -> torch.Tensor:

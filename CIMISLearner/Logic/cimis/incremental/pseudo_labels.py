@@ -16,6 +16,13 @@ from cimis.incremental.prototypes import IGNORE
 HISTOGRAM_BINS = 2000  # resolution of the entropy medians: 1/2000 of the normalised entropy range
 
 
+def predicted_classes(scores: torch.Tensor) -> torch.Tensor:
+    """The old model's class per voxel ``(B, ...)`` from its logits or probabilities ``(B, n_old, ...)``.
+    ``max(1).indices`` rather than ``argmax(1)``: the same classes, several times faster on a CPU for
+    channel-first tensors."""
+    return scores.max(1).indices
+
+
 def normalised_entropy(old_probs: torch.Tensor) -> torch.Tensor:
     """``H(p') / log |O_t|`` per voxel, in [0, 1]. ``old_probs``: ``(B, n_old, ...)`` -> ``(B, ...)``."""
     n_old = old_probs.shape[1]
@@ -36,7 +43,7 @@ class EntropyThresholds:
     def add(self, old_probs: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Count a batch ``(B, n_old, ...)`` of the old model's probabilities; ``valid (B, ...)`` masks out padding."""
         entropy = normalised_entropy(old_probs.float()).reshape(-1).cpu()
-        predicted = old_probs.max(1).indices.reshape(-1).cpu()
+        predicted = predicted_classes(old_probs).reshape(-1).cpu()
         if valid is not None:
             keep = valid.reshape(-1).cpu().bool()
             entropy, predicted = entropy[keep], predicted[keep]
@@ -68,7 +75,7 @@ def pseudo_label_targets(
         thresholds: ``(n_old,)`` from :class:`EntropyThresholds`; ``None`` accepts every old prediction.
     """
     labels = labels.long()
-    predicted = old_probs.max(1).indices  # argmax(1), faster on a CPU (see pgcd.old_predictions)
+    predicted = predicted_classes(old_probs)
     targets = torch.where(labels >= n_old, labels, torch.zeros_like(labels))
     unlabelled_old_organ = (labels < n_old) & (predicted > 0)
     if thresholds is None:

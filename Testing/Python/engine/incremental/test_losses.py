@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 from cimis.incremental.dapd import DAPDLoss
 from cimis.incremental.distillation import plain_kd, unbiased_cross_entropy, unbiased_kd, unbiased_old_log_probs
-from cimis.incremental.pgcd import PGCDLoss, old_predictions, unit_channels
+from cimis.incremental.pgcd import PGCDLoss, unit_channels
 from cimis.incremental.pod import local_pod_loss
 from cimis.incremental.prototypes import IGNORE, PrototypeAccumulator, PrototypeBank, class_prototypes, masked_average
-from cimis.incremental.pseudo_labels import EntropyThresholds, normalised_entropy, pseudo_label_targets
+from cimis.incremental.pseudo_labels import EntropyThresholds, normalised_entropy, predicted_classes, pseudo_label_targets
 from cimis.model.network import NetworkConfig, SegmentationNet
 
 N_OLD, N_NEW, D = 3, 2, 4
@@ -183,7 +183,7 @@ def test_pgcd_without_the_feature_term_is_lambda_o_times_the_output_term(teacher
 def test_the_fast_channel_helpers_match_torch():
     x = torch.randn(2, 6, 5, 4, 3)
     x[0, :, 0, 0, 0] = 0  # a zero vector stays zero, as with F.normalize
-    assert torch.equal(old_predictions(x), x.argmax(1))
+    assert torch.equal(predicted_classes(x), x.argmax(1))
     torch.testing.assert_close(unit_channels(x), F.normalize(x, dim=1))
 
 
