@@ -25,6 +25,10 @@ REAL_CT_OLD = ["spleen", "right kidney", "left kidney", "liver", "stomach"]
 REAL_CT_NEW = ["aorta", "inferior vena cava", "gallbladder", "pancreas"]
 BASE_ITERATIONS = 300
 STEP_ITERATIONS = 200
+STORY_MARKER = ".cimis-story"
+# What the story writes at the top of its folder (run_story's models and tables, the survival table).
+STORY_ENTRIES = (STORY_MARKER, "manifest.json", "base", "step_data", "ft", "pgcd-dapd", "story.md", "story.json",
+                 "overlay.png", "survival.md")
 
 
 def run_real_ct_story(folder: Path, out: Path, device: str = "auto", overwrite: bool = False,
@@ -34,7 +38,7 @@ def run_real_ct_story(folder: Path, out: Path, device: str = "auto", overwrite: 
     ``story.json``, ``overlay.png`` and a per-organ survival table ``survival.md``."""
     started = time.perf_counter()
     example = from_totalseg_example(folder)  # checks the input before anything is written
-    prepare_output(out, overwrite)
+    prepare_output(out, overwrite, "story", STORY_MARKER, STORY_ENTRIES)
     # The only case is trained on and evaluated (split "train"; see the module docstring).
     manifest = replace(example, splits={"train": [TOTALSEG_CASE_ID], "val": [TOTALSEG_CASE_ID]})
     manifest_path = manifest.save(out / "manifest.json", overwrite=True)
