@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cimis.data.adapters import TOTALSEG_CASE_ID, from_totalseg_example
+from cimis.data.io import write_text_atomic
 from cimis.data.preprocess import PreprocessConfig
 from cimis.demo import prepare_output
 from cimis.metrics import format_class_table
@@ -48,7 +49,7 @@ def run_real_ct_story(folder: Path, out: Path, device: str = "auto", overwrite: 
     result = run_story(manifest_path, out, REAL_CT_OLD, REAL_CT_NEW, preprocess, "small", base, step,
                        strategies=("ft", "pgcd-dapd"), joint=False, eval_split="train")
     survival = survival_table(result)
-    (out / "survival.md").write_text(survival + "\n")
+    write_text_atomic(out / "survival.md", survival + "\n", overwrite=True)
     print(result.to_markdown())
     print(survival)
     print(f"done in {(time.perf_counter() - started) / 60:.1f} min; tables: {out / 'story.md'}, {out / 'survival.md'}")

@@ -163,11 +163,19 @@ def test_pickle_model_is_refused(capsys, phantom_files, tmp_path):
     assert_one_line_error(code, err, "pickle")
 
 
-@pytest.mark.parametrize("module", ["cimis.cli", "cimis"])  # `python -m cimis` runs the command too
-def test_a_real_process_prints_one_line_and_no_traceback(tmp_path, module):
+def test_python_dash_m_cimis_runs_the_command(tmp_path):
+    """Scripts and Slicer's Python call `python -m cimis`; a command-line mistake there is one line too."""
+    proc = subprocess.run([sys.executable, "-m", "cimis", "train", "--manifest", str(tmp_path / "m.json"),
+                           "--out", str(tmp_path / "run"), "--workers", "-1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: cimis train: argument --workers") and proc.stderr.count("\n") == 1
+
+
+def test_a_real_process_prints_one_line_and_no_traceback(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
-        [sys.executable, "-m", module, "segment", "--model", str(tmp_path / "missing_model"),
+        [sys.executable, "-m", "cimis.cli", "segment", "--model", str(tmp_path / "missing_model"),
          "--input", str(tmp_path / "ct.nii.gz"), "--output", str(tmp_path / "out.nii.gz")],
         capture_output=True, text=True, env=env, timeout=120,
     )
