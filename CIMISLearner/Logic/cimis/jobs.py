@@ -166,10 +166,11 @@ def parse_job(data: Any, base: Path, source: Path) -> Job:
         raise CimisError(f"'device' is {device!r}", "use auto, cpu, cuda or cuda:N")
     threads = _positive_int(data["threads"], "'threads'") if data.get("threads") is not None else None
     cancel = _cancel_file(data["cancel_file"], base, output) if "cancel_file" in data else output / DEFAULT_CANCEL_FILE
-    if cancel.exists() or cancel.is_symlink():
-        # The worker deletes the cancel file it obeys: it must be a new name, never a file someone made.
-        raise CimisError(f"the cancel file {cancel} already exists",
-                         "delete it if it is a cancel request left from an earlier run, or give cancel_file a new name")
+    if _holds_something(cancel):
+        # The worker deletes the cancel file it obeys: it must be a new name, never someone's file. An empty
+        # file is a cancel request that arrived before the job started, and cancels it at once.
+        raise CimisError(f"the cancel file {cancel} already exists and is not an empty cancel request",
+                         "give cancel_file a new name inside the output folder")
     job = Job(source=source, kind=kind, id=job_id, registry=registry, output=output, device=device.lower(),
               threads=threads, cancel_file=cancel)
 
@@ -449,6 +450,15 @@ def _cancel_file(value: Any, base: Path, output: Path) -> Path:
                          "name a new file inside the output folder (e.g. OUTPUT/stop), or leave cancel_file out "
                          "(default OUTPUT/cancel)")
     return path
+
+
+def _holds_something(path: Path) -> bool:
+    """Whether ``path`` is anything but absent or an empty regular file (a folder, a link, a file with data)."""
+    if path.is_symlink():
+        return True
+    if not path.exists():
+        return False
+    return not path.is_file() or path.stat().st_size > 0
 
 
 def _existing(value: Any, base: Path, what: str, noun: str) -> Path:

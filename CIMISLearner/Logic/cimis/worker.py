@@ -209,8 +209,8 @@ class Cancellation:
 
     def watch_file(self, path: Path | None) -> None:
         self.cancel_file = path
-        # Only a cancel file that appears while the job runs is a request the worker may delete afterwards
-        # (jobs.py refuses a cancel_file that exists; this guards the worker on its own).
+        # A file that was there before the job is a request only if it is empty (jobs.py refuses any other);
+        # the worker deletes the cancel file it obeyed, never a file that holds something of someone's.
         self._cancel_file_preexisting = path is not None and (path.exists() or path.is_symlink())
 
     # ----------------------------------------------------------------------------------- requests
@@ -241,11 +241,16 @@ class Cancellation:
         self.check()
 
     def remove_cancel_file(self) -> None:
-        if self.cancel_file is not None and not self._cancel_file_preexisting:
-            try:
-                self.cancel_file.unlink()
-            except OSError:
-                pass
+        if self.cancel_file is None:
+            return
+        try:
+            if self.cancel_file.is_symlink() or not self.cancel_file.is_file():
+                return
+            if self._cancel_file_preexisting and self.cancel_file.stat().st_size > 0:
+                return
+            self.cancel_file.unlink()
+        except OSError:
+            pass
 
     # ------------------------------------------------------------------------------------ watcher
     def _watch(self) -> None:

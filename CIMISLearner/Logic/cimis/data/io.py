@@ -282,7 +282,8 @@ def staged_output(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
         for item in produced:
             _refuse_existing(path.parent / item.name, overwrite)
         for item in produced:
-            _fsync_file(item)  # a full disk that the write did not report can still surface here
+            if item.is_file():
+                _fsync_file(item)  # a full disk that the write did not report can still surface here
         for item in produced:
             os.replace(item, path.parent / item.name)
     except OSError as exc:
@@ -381,7 +382,7 @@ def _check_written(image: sitk.Image, staged: Path, path: Path) -> None:
         back = sitk.ReadImage(str(staged))
     except (CimisError, RuntimeError):
         raise failed from None
-    if back.GetSize() != image.GetSize() or back.GetPixelID() != image.GetPixelID():
+    if back.GetSize() != image.GetSize() or back.GetNumberOfComponentsPerPixel() != image.GetNumberOfComponentsPerPixel():
         raise failed
     written, wanted = sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image)
     if wanted.dtype.kind in "fc":  # NIfTI reads NaN and infinity back as 0: compare the finite voxels

@@ -91,10 +91,13 @@ def test_a_cancel_file_naming_an_existing_file_is_refused(files):
         with pytest.raises(CimisError, match="cancel") as info:
             load_job(write(files, changed(cancel_file=cancel_file)))
         assert info.value.hint
-    (files / "jobs" / "j1" / "cancel").write_text("")  # the default name, taken by a user's file
+    (files / "jobs" / "j1" / "cancel").write_text("a user's file")  # the default name, taken by a user's file
     with pytest.raises(CimisError, match="already exists"):
         load_job(write(files, LEARN))
-    assert notes.read_text() == "mine" and (files / "jobs" / "j1" / "cancel").exists()
+    assert notes.read_text() == "mine" and (files / "jobs" / "j1" / "cancel").read_text() == "a user's file"
+    # An empty file is a cancel request made before the worker got to the job file: accepted (it cancels).
+    (files / "jobs" / "j1" / "cancel").write_text("")
+    assert load_job(write(files, LEARN)).cancel_file == files / "jobs" / "j1" / "cancel"
 
 
 def test_ids_may_hold_spaces_and_non_ascii_letters(files):

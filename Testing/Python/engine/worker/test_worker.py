@@ -223,22 +223,22 @@ def test_outside_the_main_thread_only_the_cancel_file_cancels(tmp_path):
 
 
 def test_the_worker_deletes_only_a_cancel_file_that_appeared_while_it_ran(tmp_path):
-    """The cancel file it obeyed is the client's request and goes; a file that was there before the job
-    started is someone's file and stays, even when it cancels the job."""
+    """The cancel file it obeyed is the client's request and goes; a file with content that was there
+    before the job started is someone's file and stays, even when it cancels the job."""
     import io
 
     from cimis.worker import Cancellation, EventStream
 
-    for preexisting in (True, False):
-        cancel = tmp_path / f"cancel-{preexisting}"
-        if preexisting:
-            cancel.write_text("a user's file")
+    for before, after, kept in (("a user's file", "a user's file", True), (None, "", False), ("", "", False)):
+        cancel = tmp_path / f"cancel-{before}-{after}"
+        if before is not None:
+            cancel.write_text(before)
         cancellation = Cancellation(EventStream(io.StringIO()))
         cancellation.watch_file(cancel)
-        cancel.write_text("a user's file" if preexisting else "")
+        cancel.write_text(after)
         cancellation.request("cancel file")
         cancellation.remove_cancel_file()
-        assert cancel.exists() == preexisting
+        assert cancel.exists() == kept
 
 
 # ------------------------------------------------------------------------------- kill -9 and resume
