@@ -174,6 +174,11 @@ def test_nan_and_inf_in_nifti_are_refused_after_reading(tmp_path):
         sitk.WriteImage(sitk.GetImageFromArray(values), str(tmp_path / f"v{suffix}"))
         with pytest.raises(CimisError, match=r"has 1 NaN and 1 infinite voxels"):
             read_image(tmp_path / f"v{suffix}")
+    import nibabel as nib  # another writer: float64, big-endian, its own data offset
+
+    nib.save(nib.Nifti1Image(values.astype(">f8"), np.eye(4)), str(tmp_path / "big_endian.nii.gz"))
+    with pytest.raises(CimisError, match=r"has 1 NaN and 1 infinite voxels"):
+        read_image(tmp_path / "big_endian.nii.gz")
     values[1, 2, 3] = values[2, 2, 2] = 7.5  # finite floats read as before
     sitk.WriteImage(sitk.GetImageFromArray(values), str(tmp_path / "ok.nii.gz"))
     assert sitk.GetArrayViewFromImage(read_image(tmp_path / "ok.nii.gz"))[1, 2, 3] == 7.5

@@ -79,7 +79,7 @@ def _check_finite_after_reading(image: sitk.Image, path: Path, nifti: bool = Fal
     if error is not None:
         raise error
     if nifti:  # ITK's NIfTI reader has already turned NaN and infinity into 0
-        _check_nifti_finite(path)
+        _check_nifti_finite(path, values)
 
 
 def nonfinite_error(path: PathLike, values: np.ndarray) -> CimisError | None:
@@ -94,18 +94,36 @@ def nonfinite_error(path: PathLike, values: np.ndarray) -> CimisError | None:
     )
 
 
-def _check_nifti_finite(path: Path) -> None:
-    """Refuse a float NIfTI file holding NaN or infinite voxels: ITK's NIfTI reader turns them into 0, so the
-    stored values are read again through nibabel."""
-    import nibabel as nib
-
+def _check_nifti_finite(path: Path, values: np.ndarray) -> None:
+    """Refuse a float NIfTI file holding NaN or infinite voxels. ITK's NIfTI reader turns them into 0, so
+    when ``values`` (what ITK read) has a 0, the stored values are streamed from the file and checked."""
+    if not (values == 0).any():
+        return  # no 0 read back, so no NaN or infinity was turned into one
+    compressed = path.name.lower().endswith(".gz")
+    opener = gzip.open if compressed else open
     try:
-        raw = np.asanyarray(nib.load(str(path)).dataobj.get_unscaled())
-    except Exception:  # noqa: BLE001 - SimpleITK has read the file; a nibabel quirk must not refuse it
-        return
-    error = nonfinite_error(path, raw)
-    if error is not None:
-        raise error
+        with opener(path, "rb") as fh:
+            layout = _nifti_layout(fh.read(540))
+            float_types = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
+            if layout is None or layout["datatype"] not in float_types:
+                return
+            dtype = np.dtype(layout["endian"] + float_types[layout["datatype"]])
+            fh.seek(layout["offset"])
+            remaining, nan, inf = layout["voxels"], 0, 0
+            while remaining > 0:
+                chunk = np.frombuffer(fh.read(min(remaining, 1 << 22) * dtype.itemsize), dtype)
+                if not chunk.size:
+                    break
+                nan += int(np.isnan(chunk).sum())
+                inf += int(np.isinf(chunk).sum())
+                remaining -= chunk.size
+    except (OSError, EOFError, zlib.error, ValueError):
+        return  # ITK has read the file; its completeness was checked before
+    if nan or inf:
+        raise CimisError(
+            f"{path} has {nan} NaN and {inf} infinite voxels out of {values.size}",
+            "fix or re-export the image; NaN usually comes from a failed resampling or division",
+        )
 
 
 def _read_dicom_folder(folder: Path) -> sitk.Image:
@@ -185,14 +203,23 @@ def _check_nifti_complete(path: Path, compressed: bool) -> None:
 
 def _nifti_data_end(header: bytes) -> int | None:
     """Offset of the end of the voxel data from a NIfTI-1 or NIfTI-2 header, or None if it is not one."""
+    layout = _nifti_layout(header)
+    if layout is None:
+        return None
+    return layout["offset"] + layout["voxels"] * layout["bitpix"] // 8
+
+
+def _nifti_layout(header: bytes) -> dict | None:
+    """Byte order, datatype code, bits per voxel, voxel count and data offset from a NIfTI-1 or NIfTI-2
+    header, or None if it is not one."""
     for endian in "<>":
         if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
             dims = struct.unpack(endian + "8h", header[40:56])
-            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
             offset = int(struct.unpack(endian + "f", header[108:112])[0])
             break
         if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
-            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
             dims = struct.unpack(endian + "8q", header[16:80])
             offset = struct.unpack(endian + "q", header[168:176])[0]
             break
@@ -201,7 +228,8 @@ def _nifti_data_end(header: bytes) -> int | None:
     if not 1 <= dims[0] <= 7 or bitpix <= 0:
         return None
     voxels = int(np.prod([max(int(d), 1) for d in dims[1 : dims[0] + 1]], dtype=np.int64))
-    return max(offset, 348) + voxels * bitpix // 8
+    return {"endian": endian, "datatype": datatype, "bitpix": bitpix, "voxels": voxels,
+            "offset": max(offset, 348)}
 
 
 def _sitk_reason(exc: RuntimeError) -> str:
