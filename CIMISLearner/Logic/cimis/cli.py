@@ -9,26 +9,85 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import warnings
 from pathlib import Path
 
-from cimis.errors import CimisError, user_error_in
+from cimis.errors import CimisError, printable, user_error_in
 
 
 def _floats(text: str, n: int = 3) -> list[float]:
-    values = [float(x) for x in text.replace("x", ",").split(",") if x]
+    try:
+        values = [float(x) for x in text.replace("x", ",").split(",") if x]
+    except ValueError:
+        values = []
     if len(values) == 1:
         values = values * n
-    if len(values) != n or any(v <= 0 for v in values):
+    if len(values) != n or not all(math.isfinite(v) and v > 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected {n} positive numbers like 1.5,1.5,2, got {text!r}")
     return values
 
 
-def _ints(text: str, n: int = 3) -> list[int]:
-    values = [int(v) for v in _floats(text, n)]
+def _window(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if len(values) != 2 or not all(math.isfinite(v) for v in values) or values[0] >= values[1]:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH in HU with LOW < HIGH, like -175,250, got {text!r}")
     return values
+
+
+def _count(minimum: int):
+    """An argparse type: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer of at least {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _non_negative_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number of at least 0, got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the house style for mistakes on the command line: one ``error:`` line, exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"error: {self.prog}: {printable(message)} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _ints(text: str, n: int = 3) -> list[int]:
+    values = _floats(text, n)
+    if any(v != int(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected {n} positive whole numbers like 96,96,64, got {text!r}")
+    return [int(v) for v in values]
 
 
 def _names(text: str) -> list[str]:
@@ -107,7 +166,11 @@ def cmd_segment(args) -> None:
     if args.manifest:
         from cimis.data.manifest import Manifest
 
-        jobs = [(c.image, Path(args.output) / f"{c.id}.nii.gz") for c in Manifest.load(args.manifest).cases_in(args.split)]
+        output = Path(args.output)
+        if output.exists() and not output.is_dir():
+            raise CimisError(f"{output} is a file; with --manifest, --output is a folder", "give a folder for --output")
+        # Case ids are checked as file names when the manifest is read, so every target lies in --output.
+        jobs = [(c.image, output / f"{c.id}.nii.gz") for c in Manifest.load(args.manifest).cases_in(args.split)]
     else:
         if not args.input:
             raise CimisError("give --input IMAGE (or --manifest with --split)")
@@ -130,7 +193,7 @@ def cmd_evaluate(args) -> None:
         if not (args.pred and args.ref and args.classes_from):
             raise CimisError("give --manifest and --predictions, or --pred, --ref and --classes-from")
         report = evaluate_pair(args.pred, args.ref, args.classes_from, hd95=args.hd95)
-    paths = report.write(args.out)
+    paths = report.write(args.out, overwrite=args.overwrite)
     print(report.to_markdown())
     print("written: " + ", ".join(str(p) for p in paths.values()))
 
@@ -170,17 +233,17 @@ def cmd_models(args) -> None:
 
 # ------------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cimis", description="Class-incremental 3D CT segmentation (CIMISLearner).")
+    parser = _Parser(prog="cimis", description="Class-incremental 3D CT segmentation (CIMISLearner).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("phantom", help="write a dataset of synthetic abdominal CT phantoms")
     p.add_argument("--out", required=True, help="output folder (gets imagesTr/, labelsTr/, manifest.json)")
-    p.add_argument("--cases", type=int, default=12)
+    p.add_argument("--cases", type=_count(1), default=12)
     p.add_argument("--variant", choices=["btcv", "word"], default="btcv", help="13 BTCV or 16 WORD classes")
     p.add_argument("--spacing", type=_floats, default=[3.0, 3.0, 3.0], help="voxel spacing in mm, e.g. 3 or 3,3,4")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-cases", type=int, default=1)
-    p.add_argument("--test-cases", type=int, default=1)
+    p.add_argument("--seed", type=_count(0), default=0)
+    p.add_argument("--val-cases", type=_count(0), default=1)
+    p.add_argument("--test-cases", type=_count(0), default=1)
     p.set_defaults(func=cmd_phantom)
 
     p = sub.add_parser("manifest", help="write a manifest for a dataset in its public on-disk layout")
@@ -197,15 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--network", choices=["small", "dynunet"], default="dynunet")
     p.add_argument("--spacing", type=_floats, default=[1.5, 1.5, 2.0], help="model-space spacing in mm")
     p.add_argument("--patch", type=_ints, default=[96, 96, 96], help="patch size in voxels")
-    p.add_argument("--window", type=lambda t: _floats(t, 2), default=[-175.0, 250.0], help="CT window low,high in HU")
-    p.add_argument("--iterations", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--window", type=_window, default=[-175.0, 250.0], help="CT window low,high in HU")
+    p.add_argument("--iterations", type=_count(1), default=1000)
+    p.add_argument("--batch-size", type=_count(1), default=2)
+    p.add_argument("--lr", type=_positive_number, default=2e-3)
+    p.add_argument("--seed", type=_count(0), default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--workers", type=int, default=0, help="data-loader processes")
-    p.add_argument("--val-every", type=int, default=0, help="iterations between validations (default: a quarter)")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="iterations between checkpoints (default: a quarter)")
+    p.add_argument("--workers", type=_count(0), default=0, help="data-loader processes")
+    p.add_argument("--val-every", type=_count(0), default=0, help="iterations between validations (default: a quarter)")
+    p.add_argument("--checkpoint-every", type=_count(0), default=0, help="iterations between checkpoints (default: a quarter)")
     p.add_argument("--no-amp", action="store_true", help="full precision on the GPU")
     p.add_argument("--no-cache", action="store_true", help="do not keep preprocessed volumes in memory")
     p.add_argument("--no-augment", action="store_true")
@@ -223,14 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "channel_weight, output_term, dapd_global, dapd_local, dynamic_background)")
     p.add_argument("--head-init", choices=["balanced", "random"],
                    help="how the new output channels start (default: the strategy's; docs/method.md)")
-    p.add_argument("--lambda-f", type=float, help="pgcd-dapd: weight of PGCD's feature term (default 0, off; docs/method.md)")
-    p.add_argument("--iterations", type=int, help="default: step 0's")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, help="default: step 0's (docs/method.md)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--lambda-f", type=_non_negative_number,
+                   help="pgcd-dapd: weight of PGCD's feature term (default 0, off; docs/method.md)")
+    p.add_argument("--iterations", type=_count(1), help="default: step 0's")
+    p.add_argument("--batch-size", type=_count(1))
+    p.add_argument("--lr", type=_positive_number, help="default: step 0's (docs/method.md)")
+    p.add_argument("--seed", type=_count(0))
     p.add_argument("--device", default="auto")
-    p.add_argument("--val-every", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--val-every", type=_count(0), default=0)
+    p.add_argument("--checkpoint-every", type=_count(0), default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_learn)
@@ -254,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes-from", help="model folder or manifest whose class list to use with --pred/--ref")
     p.add_argument("--hd95", action="store_true", help="also compute the 95th-percentile Hausdorff distance")
     p.add_argument("--out", default="evaluation", help="folder for evaluation.md/.csv/.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="phantoms -> base model -> incremental step (ft, pgcd-dapd) -> Dice tables (CPU, minutes)")
@@ -270,8 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="real_ct_story")
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier story's output")
-    p.add_argument("--base-iterations", type=int, help="step 0's budget (default 300)")
-    p.add_argument("--step-iterations", type=int, help="the incremental step's budget (default 200)")
+    p.add_argument("--base-iterations", type=_count(1), help="step 0's budget (default 300)")
+    p.add_argument("--step-iterations", type=_count(1), help="the incremental step's budget (default 200)")
     p.set_defaults(func=cmd_story)
 
     p = sub.add_parser("bench", help="benchmark incremental schedules: every method, per-class Dice after every step, "
@@ -312,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line_warnings(message, category, filename, lineno, file=None, line=None):
-    print(f"warning: {message}", file=sys.stderr)
+    print(f"warning: {printable(str(message))}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except CimisError as exc:
-        print(f"error: {exc.one_line()}", file=sys.stderr)
+        print(f"error: {printable(exc.one_line())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -334,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         cause = user_error_in(exc)
         if cause is None:
             raise
-        print(f"error: {cause.one_line()}", file=sys.stderr)
+        print(f"error: {printable(cause.one_line())}", file=sys.stderr)
         return 2
     return 0
 

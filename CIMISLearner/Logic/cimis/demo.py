@@ -42,14 +42,48 @@ OLD_ORGANS = ["spleen", "right kidney", "left kidney", "liver", "stomach", "aort
 NEW_ORGANS = [o for o in BTCV_ORGANS if o not in OLD_ORGANS]
 
 
-def prepare_output(out: Path, overwrite: bool) -> None:
-    """Use ``out`` for the demo; replace an earlier demo there, never anything else."""
-    if out.exists() and any(out.iterdir()):
-        if not (out / MARKER).exists() and not overwrite:
-            raise CimisError(f"{out} exists and does not hold an earlier demo", "choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by cimis demo; safe to delete\n")
+# What the demo writes at the top of its folder; anything else there is the user's.
+DEMO_ENTRIES = (MARKER, "phantoms", "joint", "story", "segmentation.png")
+
+
+def prepare_output(out: Path, overwrite: bool, command: str = "demo", marker: str = MARKER,
+                   entries: tuple[str, ...] = DEMO_ENTRIES) -> None:
+    """Use ``out`` for ``cimis COMMAND``'s output: a new or empty folder, or (with ``overwrite``) a folder an
+    earlier run of the same command wrote, carrying ``marker`` and holding nothing but ``entries``.
+
+    Anything else is refused before a file is touched: a folder without the marker, a file a user added to
+    an earlier run's folder, an earlier run without ``--overwrite``.
+    """
+    if out.exists() and not out.is_dir():
+        raise CimisError(f"{out} is a file", "give --out a folder")
+    present = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    if present:
+        if marker not in present:
+            raise CimisError(f"{out} exists and does not hold an earlier {command}'s output",
+                             "choose another --out (a new or empty folder)")
+        foreign = [name for name in present if name not in entries and not _staging_leftover(name)]
+        if foreign:
+            raise CimisError(f"{out} holds an earlier {command}'s output and also {foreign[0]!r}, which cimis "
+                             f"{command} did not write", "move that away or choose another --out")
+        if not overwrite:
+            raise CimisError(f"{out} holds an earlier {command}'s output",
+                             "pass --overwrite to replace it, or choose another --out")
+        for name in present:
+            item = out / name
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item)
+            else:
+                item.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / marker).write_text(f"written by cimis {command}; safe to delete\n")
+    except OSError as exc:
+        raise CimisError(f"cannot write {out}: {exc.strerror or exc}", "choose a writable --out folder") from None
+
+
+def _staging_leftover(name: str) -> bool:
+    """A hidden staging file or folder an interrupted write left (``.NAME.xxxx.partial``)."""
+    return name.startswith(".") and name.endswith(".partial")
 
 
 def demo_configs(device: str, base_iterations: int, step_iterations: int):

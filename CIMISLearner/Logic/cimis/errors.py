@@ -7,6 +7,8 @@ it never shows a traceback for these.
 
 from __future__ import annotations
 
+import unicodedata
+
 
 class CimisError(Exception):
     """An error caused by the input or the environment, worded for the person who can fix it.
@@ -39,3 +41,19 @@ def user_error_in(exc: BaseException) -> CimisError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+# Characters that reorder the text shown after them (a name could display as something it is not).
+_BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f")
+
+
+def printable(text: str, table_cell: bool = False) -> str:
+    """``text`` safe to print in a terminal: control characters (which could move the cursor, recolour the
+    terminal or hide the rest of a line) are shown as escapes; in a Markdown table cell a ``|`` is escaped
+    too, so that it cannot end the cell."""
+    def shown(c: str) -> str:
+        if unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in _BIDI_CONTROLS:
+            return repr(c)[1:-1] if c.isascii() else f"\\u{ord(c):04x}"
+        return "\\|" if table_cell and c == "|" else c
+
+    return "".join(map(shown, text))

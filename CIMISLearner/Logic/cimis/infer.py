@@ -16,6 +16,7 @@ import SimpleITK as sitk
 import torch
 from monai.inferers import sliding_window_inference
 
+from cimis.data.classes import label_dtype
 from cimis.data.preprocess import PreprocessConfig, metatensor_to_sitk, model_space_transforms, sitk_to_metatensor
 from cimis.data.validation import check_3d, check_finite, check_fits_in_memory
 from cimis.device import autocast, resolve_device
@@ -95,8 +96,7 @@ def segment_image(
                                   sw_batch_size, overlap, amp, progress)
     channels = resample_argmax(probs, model_space["image"].affine, image)
     values = card.classes.channels_to_values(channels)
-    dtype = np.uint8 if max(card.classes.values, default=0) < 256 else np.uint16
-    label = sitk.GetImageFromArray(values.astype(dtype))
+    label = sitk.GetImageFromArray(values.astype(label_dtype(card.classes.values)))
     label.CopyInformation(image)
     return Segmentation(label, class_volumes_ml(values, image.GetSpacing()[::-1], card.classes))
 

@@ -29,6 +29,7 @@ from typing import Any
 import SimpleITK as sitk
 
 from cimis.data.classes import ClassSet
+from cimis.data.io import check_id_as_file_name
 from cimis.data.manifest import Case, Manifest, check_labels_contain, load_case
 from cimis.errors import CimisError
 
@@ -53,7 +54,6 @@ _TRAINING_DATA_KEYS = ("manifest", "classes", "cases")
 _CASE_KEYS = ("id", "image", "label", "split", "label_map")
 _SEGMENT_DATA_KEYS = ("images",)
 _IMAGE_KEYS = ("id", "image")
-_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class Job:
         output: the job's own folder: checkpoints, label maps, result.json.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         threads: CPU threads for torch (None: torch's default, one per core); fewer keep the machine responsive.
-        cancel_file: a file whose appearance cancels the job (default ``OUTPUT/cancel``).
+        cancel_file: a new file inside ``output`` whose appearance cancels the job (default ``OUTPUT/cancel``).
         budget: training budget (train and learn).
         settings: the kind's own section (``train``, ``learn`` or ``segment``), checked.
         manifest: the training data (train and learn), as a manifest with ``train`` and ``val`` splits.
@@ -159,14 +159,18 @@ def parse_job(data: Any, base: Path, source: Path) -> Job:
                          "give the job an output folder outside the registry")
     job_id = data.get("id", output.name)
     _expect(job_id, str, "'id'", "a string")
-    if not _SAFE_ID.fullmatch(job_id):
-        raise CimisError(f"'id' {job_id!r} must start with a letter or digit and use only letters, digits, '.', '_', '-'")
+    check_id_as_file_name(job_id, "'id'")
     device = data.get("device", "auto")
     _expect(device, str, "'device'", "a string")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device.lower()):
         raise CimisError(f"'device' is {device!r}", "use auto, cpu, cuda or cuda:N")
     threads = _positive_int(data["threads"], "'threads'") if data.get("threads") is not None else None
-    cancel = _path(data["cancel_file"], base, "cancel_file") if "cancel_file" in data else output / DEFAULT_CANCEL_FILE
+    cancel = _cancel_file(data["cancel_file"], base, output) if "cancel_file" in data else output / DEFAULT_CANCEL_FILE
+    if _holds_something(cancel):
+        # The worker deletes the cancel file it obeys: it must be a new name, never someone's file. An empty
+        # file is a cancel request that arrived before the job started, and cancels it at once.
+        raise CimisError(f"the cancel file {cancel} already exists and is not an empty cancel request",
+                         "give cancel_file a new name inside the output folder")
     job = Job(source=source, kind=kind, id=job_id, registry=registry, output=output, device=device.lower(),
               threads=threads, cancel_file=cancel)
 
@@ -437,6 +441,26 @@ def _path(value: Any, base: Path, what: str) -> Path:
     return (base / Path(text).expanduser()).absolute()
 
 
+def _cancel_file(value: Any, base: Path, output: Path) -> Path:
+    """``cancel_file``: a file name inside the output folder (the worker deletes it once obeyed, so it can
+    never be one of the user's files elsewhere)."""
+    path = _path(value, base, "cancel_file")
+    if path == output or not _inside(path, output):
+        raise CimisError(f"cancel_file {path} is not inside the output folder {output}",
+                         "name a new file inside the output folder (e.g. OUTPUT/stop), or leave cancel_file out "
+                         "(default OUTPUT/cancel)")
+    return path
+
+
+def _holds_something(path: Path) -> bool:
+    """Whether ``path`` is anything but absent or an empty regular file (a folder, a link, a file with data)."""
+    if path.is_symlink():
+        return True
+    if not path.exists():
+        return False
+    return not path.is_file() or path.stat().st_size > 0
+
+
 def _existing(value: Any, base: Path, what: str, noun: str) -> Path:
     path = _path(value, base, what)
     if not path.exists():
@@ -461,11 +485,7 @@ def _stem(path: Path) -> str:
 
 
 def _case_id(value: Any, what: str) -> str:
-    text = _string(value, what)
-    if not _SAFE_ID.fullmatch(text):
-        raise CimisError(f"{what} {text!r} must start with a letter or digit and use only letters, digits, '.', '_', '-'",
-                         "it names the output file, so it cannot contain path separators")
-    return text
+    return check_id_as_file_name(_string(value, what), what)
 
 
 def _refuse_duplicate_ids(ids: list[str], where: str) -> None:

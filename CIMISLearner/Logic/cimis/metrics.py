@@ -27,6 +27,7 @@ Dice values come from MONAI in float32 (exact counts, float32 ratio).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -38,7 +39,8 @@ import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
 
 from cimis.data.classes import ClassSet
-from cimis.errors import CimisError
+from cimis.data.io import write_json_atomic, write_text_atomic
+from cimis.errors import CimisError, printable
 
 Spacing = tuple[float, float, float]
 Box = tuple[slice, slice, slice]
@@ -272,6 +274,12 @@ def _format_cell(value: Cell, digits: int) -> str:
     return f"{value:.{digits}f}"
 
 
+def csv_text_cell(text: str) -> str:
+    """A text cell for CSV that a spreadsheet shows as text: a leading ``=``, ``+``, ``-``, ``@``, tab or
+    carriage return would make it a formula (CSV injection), so such a cell gets a leading apostrophe."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
 def format_class_table(
     rows: dict[str, dict[str, Cell]], columns: list[str], first_column: str = "class", digits: int = 3
 ) -> str:
@@ -280,8 +288,10 @@ def format_class_table(
     ``rows`` maps a row label (a class name, "mean") to its cells by column name. Numbers are printed
     with ``digits`` decimals, NaN/None/missing cells as "n/a", strings as they are.
     """
-    header = [first_column, *columns]
-    body = [[label, *(_format_cell(cells.get(col), digits) for col in columns)] for label, cells in rows.items()]
+    header = [printable(text, table_cell=True) for text in [first_column, *columns]]
+    body = [[printable(label, table_cell=True),
+             *(printable(_format_cell(cells.get(col), digits), table_cell=True) for col in columns)]
+            for label, cells in rows.items()]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
@@ -402,39 +412,56 @@ class EvaluationReport:
             "cases": [case.to_dict() for case in self.cases],
         }
 
-    def to_json(self, path: str | Path) -> Path:
-        path = Path(path)
+    def to_json(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write :meth:`to_dict` atomically (an existing file only with ``overwrite``)."""
         # allow_nan=False: a stray NaN must fail here rather than produce a file strict parsers reject.
-        path.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        return path
+        return write_json_atomic(path, self.to_dict(), overwrite)
 
-    def to_csv(self, path: str | Path) -> Path:
-        """One row per (case, class), then one row per class with case_id "mean"; NaN as an empty field."""
-        path = Path(path)
+    def to_csv(self, path: str | Path, overwrite: bool = False) -> Path:
+        """One row per (case, class), then one row per class with case_id "mean"; NaN as an empty field.
+        Written atomically (an existing file only with ``overwrite``)."""
+        return write_text_atomic(path, self.csv_text(), overwrite)
+
+    def csv_text(self) -> str:
         hd95_mean = self.mean_hd95() or {}
-        with path.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["case_id", "class", "dice", "hd95_mm", "volume_ml_pred", "volume_ml_ref"])
-            for case in self.cases:
-                for name in self.classes.names:
-                    writer.writerow([case.case_id, name, *map(_csv_number, [
-                        case.dice.get(name), (case.hd95 or {}).get(name),
-                        case.volume_ml_pred.get(name), case.volume_ml_ref.get(name),
-                    ])])
-            vol_pred, vol_ref = self._per_class("volume_ml_pred"), self._per_class("volume_ml_ref")
-            for name, dice in self.mean_dice().items():
-                writer.writerow([_MEAN_ROW, name, *map(_csv_number, [
-                    dice, hd95_mean.get(name), _nanmean(vol_pred[name]), _nanmean(vol_ref[name]),
+        buffer = io.StringIO(newline="")
+        writer = csv.writer(buffer)
+        writer.writerow(["case_id", "class", "dice", "hd95_mm", "volume_ml_pred", "volume_ml_ref"])
+        for case in self.cases:
+            for name in self.classes.names:
+                writer.writerow([csv_text_cell(case.case_id), csv_text_cell(name), *map(_csv_number, [
+                    case.dice.get(name), (case.hd95 or {}).get(name),
+                    case.volume_ml_pred.get(name), case.volume_ml_ref.get(name),
                 ])])
-        return path
+        vol_pred, vol_ref = self._per_class("volume_ml_pred"), self._per_class("volume_ml_ref")
+        for name, dice in self.mean_dice().items():
+            writer.writerow([_MEAN_ROW, csv_text_cell(name), *map(_csv_number, [
+                dice, hd95_mean.get(name), _nanmean(vol_pred[name]), _nanmean(vol_ref[name]),
+            ])])
+        return buffer.getvalue()
 
-    def write(self, out_dir: str | Path, stem: str = "evaluation") -> dict[str, Path]:
-        """Write ``stem.md``, ``stem.csv`` and ``stem.json`` into ``out_dir``; returns them by extension."""
+    def write(self, out_dir: str | Path, stem: str = "evaluation", overwrite: bool = False) -> dict[str, Path]:
+        """Write ``stem.md``, ``stem.csv`` and ``stem.json`` into ``out_dir``; returns them by extension.
+
+        Each file is written atomically. Without ``overwrite`` an existing report is refused before any
+        file is written.
+
+        Raises:
+            CimisError: ``out_dir`` is a file, a report file exists and ``overwrite`` is false, or a write
+                fails (read-only folder, full disk).
+        """
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        md = out_dir / f"{stem}.md"
-        md.write_text(self.to_markdown(), encoding="utf-8")
-        return {"md": md, "csv": self.to_csv(out_dir / f"{stem}.csv"), "json": self.to_json(out_dir / f"{stem}.json")}
+        if out_dir.exists() and not out_dir.is_dir():
+            raise CimisError(f"{out_dir} is a file, a folder is needed for the evaluation report",
+                             "give --out a folder (it is created when missing)")
+        paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("md", "csv", "json")}
+        existing = [p for p in paths.values() if p.exists()]
+        if existing and not overwrite:
+            raise CimisError(f"{existing[0]} already exists", "choose another --out folder or pass --overwrite")
+        write_text_atomic(paths["md"], self.to_markdown(), overwrite)
+        self.to_csv(paths["csv"], overwrite)
+        self.to_json(paths["json"], overwrite)
+        return paths
 
     @staticmethod
     def from_json(path: str | Path) -> "EvaluationReport":

@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cimis.data.adapters import TOTALSEG_CASE_ID, from_totalseg_example
+from cimis.data.io import write_text_atomic
 from cimis.data.preprocess import PreprocessConfig
 from cimis.demo import prepare_output
 from cimis.metrics import format_class_table
@@ -25,6 +26,10 @@ REAL_CT_OLD = ["spleen", "right kidney", "left kidney", "liver", "stomach"]
 REAL_CT_NEW = ["aorta", "inferior vena cava", "gallbladder", "pancreas"]
 BASE_ITERATIONS = 300
 STEP_ITERATIONS = 200
+STORY_MARKER = ".cimis-story"
+# What the story writes at the top of its folder (run_story's models and tables, the survival table).
+STORY_ENTRIES = (STORY_MARKER, "manifest.json", "base", "step_data", "ft", "pgcd-dapd", "story.md", "story.json",
+                 "overlay.png", "survival.md")
 
 
 def run_real_ct_story(folder: Path, out: Path, device: str = "auto", overwrite: bool = False,
@@ -34,7 +39,7 @@ def run_real_ct_story(folder: Path, out: Path, device: str = "auto", overwrite: 
     ``story.json``, ``overlay.png`` and a per-organ survival table ``survival.md``."""
     started = time.perf_counter()
     example = from_totalseg_example(folder)  # checks the input before anything is written
-    prepare_output(out, overwrite)
+    prepare_output(out, overwrite, "story", STORY_MARKER, STORY_ENTRIES)
     # The only case is trained on and evaluated (split "train"; see the module docstring).
     manifest = replace(example, splits={"train": [TOTALSEG_CASE_ID], "val": [TOTALSEG_CASE_ID]})
     manifest_path = manifest.save(out / "manifest.json", overwrite=True)
@@ -44,7 +49,7 @@ def run_real_ct_story(folder: Path, out: Path, device: str = "auto", overwrite: 
     result = run_story(manifest_path, out, REAL_CT_OLD, REAL_CT_NEW, preprocess, "small", base, step,
                        strategies=("ft", "pgcd-dapd"), joint=False, eval_split="train")
     survival = survival_table(result)
-    (out / "survival.md").write_text(survival + "\n")
+    write_text_atomic(out / "survival.md", survival + "\n", overwrite=True)
     print(result.to_markdown())
     print(survival)
     print(f"done in {(time.perf_counter() - started) / 60:.1f} min; tables: {out / 'story.md'}, {out / 'survival.md'}")

@@ -15,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from cimis.data.classes import ClassSet
-from cimis.data.io import read_image, write_image
+from cimis.data.io import read_image, write_image, write_text_atomic
 from cimis.data.manifest import Case, Manifest, load_case
 from cimis.data.preprocess import PreprocessConfig
 from cimis.evaluate import compare_label_maps
@@ -97,10 +97,11 @@ class StoryResult:
         return text
 
     def write(self, out: Path) -> None:
-        (out / "story.md").write_text(self.to_markdown() + "\n")
+        """Write story.md and story.json into the story's own folder (atomically, replacing an earlier run's)."""
+        write_text_atomic(out / "story.md", self.to_markdown() + "\n", overwrite=True)
         data = {"old": self.old, "new": self.new, "summary": self.summary(), "per_class": self.per_class(),
                 "seconds_per_iteration": self.seconds_per_iteration}
-        (out / "story.json").write_text(json.dumps(data, indent=2, default=_json_number) + "\n")
+        write_text_atomic(out / "story.json", json.dumps(data, indent=2, default=_json_number) + "\n", overwrite=True)
 
 
 def _mean(dice: dict[str, float], names: list[str]) -> float:

@@ -159,6 +159,7 @@ class Cancellation:
         self.grace_s = grace_s
         self.poll_s = poll_s
         self.cancel_file: Path | None = None
+        self._cancel_file_preexisting = False
         self.reason: str | None = None
         self.requested_at: float | None = None
         self.committed = False
@@ -208,6 +209,9 @@ class Cancellation:
 
     def watch_file(self, path: Path | None) -> None:
         self.cancel_file = path
+        # A file that was there before the job is a request only if it is empty (jobs.py refuses any other);
+        # the worker deletes the cancel file it obeyed, never a file that holds something of someone's.
+        self._cancel_file_preexisting = path is not None and (path.exists() or path.is_symlink())
 
     # ----------------------------------------------------------------------------------- requests
     def request(self, reason: str) -> bool:
@@ -237,11 +241,16 @@ class Cancellation:
         self.check()
 
     def remove_cancel_file(self) -> None:
-        if self.cancel_file is not None:
-            try:
-                self.cancel_file.unlink()
-            except OSError:
-                pass
+        if self.cancel_file is None:
+            return
+        try:
+            if self.cancel_file.is_symlink() or not self.cancel_file.is_file():
+                return
+            if self._cancel_file_preexisting and self.cancel_file.stat().st_size > 0:
+                return
+            self.cancel_file.unlink()
+        except OSError:
+            pass
 
     # ------------------------------------------------------------------------------------ watcher
     def _watch(self) -> None:
@@ -426,12 +435,18 @@ class WorkFolder:
             return None
         return read_json_file(self.result_file, "the job result")
 
+    TMP_MARKER = ".cimis-job-tmp"  # inside tmp/: the job made this folder and may delete it
+
     def create(self, state: dict) -> None:
         """Create the folder (the job's first write) and send the libraries' temporary and cache files into it."""
+        if self.tmp.exists() and not (self.tmp / self.TMP_MARKER).is_file():
+            raise CimisError(f"the output folder {self.root} has a tmp folder that is not the job's",
+                             "move it away, or give the job a new output folder")
         self.created_root = not self.root.exists()
         self.created_state = not self.state_file.exists()
         try:
             self.tmp.mkdir(parents=True, exist_ok=True)
+            (self.tmp / self.TMP_MARKER).touch()
         except OSError as exc:
             raise CimisError(f"cannot create the output folder {self.root}: {exc.strerror or exc}",
                              "choose a writable output folder") from None
@@ -449,7 +464,7 @@ class WorkFolder:
         if getattr(self, "created_root", False):
             shutil.rmtree(self.root, ignore_errors=True)
             return
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.remove_tmp()
         if getattr(self, "created_state", False):
             self.state_file.unlink(missing_ok=True)
 
@@ -478,7 +493,14 @@ class WorkFolder:
 
         _write_json(self.result_file, result)
         shutil.rmtree(self.run, ignore_errors=True)  # published: the registry holds the model now
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.remove_tmp()
+
+    def remove_tmp(self) -> None:
+        """Delete tmp/ only if the job made it (a user's own tmp/ in a chosen output folder stays)."""
+        import shutil
+
+        if (self.tmp / self.TMP_MARKER).is_file():
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -106,14 +107,15 @@ def test_not_a_3d_image(capsys, tiny_model, tmp_path):
     assert_one_line_error(code, err, "3D")
 
 
-def test_nan_and_inf_voxels(capsys, tiny_model, tmp_path):
+@pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz"])  # ITK's NIfTI reader alone would read NaN as 0
+def test_nan_and_inf_voxels(capsys, tiny_model, tmp_path, suffix):
     array = np.zeros((16, 16, 16), dtype=np.float32)
     array[3, 4, 5], array[6, 7, 8] = np.nan, np.inf
-    # NRRD keeps NaN; ITK's NIfTI reader turns NaN into 0 on its own.
-    sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / "nan.nrrd"))
-    code, _, err = run_cli(capsys, "segment", "--model", tiny_model, "--input", tmp_path / "nan.nrrd",
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / f"nan{suffix}"))
+    code, _, err = run_cli(capsys, "segment", "--model", tiny_model, "--input", tmp_path / f"nan{suffix}",
                            "--output", tmp_path / "out.nii.gz")
-    assert_one_line_error(code, err, "NaN")
+    assert_one_line_error(code, err, "1 NaN and 1 infinite")
+    assert not (tmp_path / "out.nii.gz").exists()
 
 
 def test_volume_too_large_for_memory(capsys, tiny_model, phantom_files, tmp_path, monkeypatch):
@@ -161,6 +163,15 @@ def test_pickle_model_is_refused(capsys, phantom_files, tmp_path):
     assert_one_line_error(code, err, "pickle")
 
 
+def test_python_dash_m_cimis_runs_the_command(tmp_path):
+    """Scripts and Slicer's Python call `python -m cimis`; a command-line mistake there is one line too."""
+    proc = subprocess.run([sys.executable, "-m", "cimis", "train", "--manifest", str(tmp_path / "m.json"),
+                           "--out", str(tmp_path / "run"), "--workers", "-1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: cimis train: argument --workers") and proc.stderr.count("\n") == 1
+
+
 def test_a_real_process_prints_one_line_and_no_traceback(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
@@ -171,3 +182,89 @@ def test_a_real_process_prints_one_line_and_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- nothing lost (issue 14)
+def run_cli_exiting(capsys, *args) -> tuple[int, str, str]:
+    """Like run_cli, for mistakes argparse itself finds (it exits instead of returning)."""
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("option, value", [("--workers", "-1"), ("--lr", "nan"), ("--lr", "-0.1"),
+                                           ("--iterations", "0"), ("--spacing", "nan"), ("--patch", "0.5"),
+                                           ("--window", "250,-175")])
+def test_bad_numbers_on_the_command_line_are_one_line(capsys, tmp_path, option, value):
+    code, _, err = run_cli_exiting(capsys, "train", "--manifest", tmp_path / "m.json", "--out", tmp_path / "run",
+                                   f"{option}={value}")
+    assert_one_line_error(code, err, option)
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+def test_segment_manifest_never_writes_outside_output(capsys, tiny_model, phantom_files, tmp_path):
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({
+        "format": "cimis-manifest/1", "name": "escape", "classes": btcv_classes().to_json(),
+        "cases": [{"id": "../escaped", "image": str(phantom_files / "ct.nii.gz")}], "splits": {"test": ["../escaped"]}}))
+    code, _, err = run_cli(capsys, "segment", "--model", tiny_model, "--manifest", manifest, "--split", "test",
+                           "--output", tmp_path / "pred", "--device", "cpu")
+    assert_one_line_error(code, err, "../escaped", "cannot name a file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+
+
+def test_segment_to_a_full_disk_keeps_the_existing_label_map(capsys, tiny_model, phantom_files, tmp_path):
+    """On a real full file system (a small tmpfs; needs permission to mount one): exit 2 with one line, and
+    the label map already there stays whole (issue 14, item 1)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(disk)],
+                             capture_output=True, timeout=30).returncode == 0 if sys.platform.startswith("linux") else False
+    if not mounted:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        target = disk / "seg.nii.gz"
+        target.write_bytes((phantom_files / "label.nii.gz").read_bytes())
+        good = target.read_bytes()
+        with pytest.raises(OSError):  # fill the disk
+            (disk / "filler").write_bytes(b"\0" * (1 << 20))
+        code, _, err = run_cli(capsys, "segment", "--model", tiny_model, "--input", phantom_files / "ct.nii.gz",
+                               "--output", target, "--overwrite", "--device", "cpu")
+        assert_one_line_error(code, err, "cannot write", "seg.nii.gz")
+        assert target.read_bytes() == good
+        assert sorted(p.name for p in disk.iterdir()) == ["filler", "seg.nii.gz"]
+    finally:
+        subprocess.run(["umount", str(disk)], timeout=30)
+
+
+def test_evaluate_refuses_to_overwrite_a_report_and_a_file_as_out(capsys, phantom_files, tmp_path):
+    args = ["evaluate", "--pred", phantom_files / "label.nii.gz", "--ref", phantom_files / "label.nii.gz",
+            "--classes-from", write_manifest(tmp_path, phantom_files / "ct.nii.gz", phantom_files / "label.nii.gz")]
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "eval")
+    assert code == 0, err
+    report = (tmp_path / "eval" / "evaluation.json").read_bytes()
+    (tmp_path / "eval" / "evaluation.md").write_text("my notes on the evaluation")
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "eval")
+    assert_one_line_error(code, err, "already exists", "--overwrite")
+    assert (tmp_path / "eval" / "evaluation.md").read_text() == "my notes on the evaluation"
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "eval", "--overwrite")
+    assert code == 0, err
+    assert (tmp_path / "eval" / "evaluation.json").read_bytes() == report
+    for out in (tmp_path / "eval" / "evaluation.md", tmp_path / "eval" / "evaluation.md" / "sub"):
+        code, _, err = run_cli(capsys, *args, "--out", out)
+        assert_one_line_error(code, err, "evaluation.md")
+
+
+def test_control_characters_in_class_names_are_escaped_on_the_terminal(capsys, phantom_files, tmp_path):
+    classes = [{"name": f"organ{v}\x1b[2J" if v == 1 else f"organ{v}", "value": v}
+               for v in range(1, 14)]
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"format": "cimis-manifest/1", "name": "m", "classes": classes, "cases": [],
+                                    "splits": {}}))
+    code, out, err = run_cli(capsys, "evaluate", "--pred", phantom_files / "label.nii.gz", "--ref",
+                             phantom_files / "label.nii.gz", "--classes-from", manifest, "--out", tmp_path / "eval")
+    assert code == 0, err
+    assert "\x1b" not in out and "organ1\\x1b[2J" in out

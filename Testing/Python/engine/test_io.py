@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from cimis.data.io import (
+    check_id_as_file_name,
     copy_geometry,
     geometry_summary,
     read_image,
@@ -14,6 +17,8 @@ from cimis.data.io import (
     staged_output,
     write_dicom_series,
     write_image,
+    write_json_atomic,
+    write_text_atomic,
 )
 from cimis.errors import CimisError
 
@@ -100,6 +105,121 @@ def test_failed_write_leaves_nothing_behind(tmp_path, make_image):
             tmp.write_text("half")
             raise RuntimeError("crash while writing")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+@pytest.mark.parametrize("kept", [0.0, 0.5])
+def test_a_write_the_disk_cut_short_never_replaces_the_existing_file(tmp_path, make_image, monkeypatch, suffix, kept):
+    """ITK's NIfTI writer reports no error when the disk fills up and leaves a short (or empty) file; the
+    write must fail with a CimisError and leave the good file there as it was (issue 14, item 1)."""
+    target = write_image(make_image(), tmp_path / f"labels{suffix}")
+    good = target.read_bytes()
+    real_write = sitk.WriteImage
+
+    def write_then_lose_the_tail(image, path, *args):  # what a full disk does to ITK's NIfTI writer
+        real_write(image, path, *args)
+        with open(path, "r+b") as fh:
+            fh.truncate(int(len(fh.read()) * kept))
+
+    monkeypatch.setattr(sitk, "WriteImage", write_then_lose_the_tail)
+    bigger = make_image(np.arange(8 * 10 * 12, dtype=np.int16).reshape(8, 10, 12))
+    with pytest.raises(CimisError, match="cannot write image file") as info:
+        write_image(bigger, target, overwrite=True)
+    assert "disk" in info.value.one_line()
+    assert target.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]  # no staging folder left
+
+
+def _mount_small_tmpfs(folder: Path, size: str) -> bool:
+    import subprocess
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    folder.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True, timeout=30)
+    return proc.returncode == 0
+
+
+def test_a_full_disk_never_replaces_the_existing_label_map(tmp_path, make_image):
+    """The real fault on a real small file system (needs permission to mount a tmpfs, e.g. root)."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    if not _mount_small_tmpfs(disk, "256k"):
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        target = write_image(make_image(), disk / "labels.nii.gz")
+        good = target.read_bytes()
+        with pytest.raises(OSError):  # fill the rest of the disk
+            (disk / "filler").write_bytes(b"\0" * (1 << 20))
+        (disk / "filler").write_bytes(b"\0" * ((disk / "filler").stat().st_size - 2048))  # leave 2 KiB
+        noise = np.random.default_rng(0).integers(0, 30000, (16, 40, 40)).astype(np.int16)  # 50 kB compressed
+        for suffix in (".nii.gz", ".nii"):
+            with pytest.raises(CimisError, match="cannot write"):
+                write_image(make_image(noise), disk / f"labels{suffix}", overwrite=True)
+        assert target.read_bytes() == good
+        assert not (disk / "labels.nii").exists()
+        assert sorted(p.name for p in disk.iterdir()) == ["filler", "labels.nii.gz"]
+    finally:
+        subprocess.run(["umount", str(disk)], timeout=30)
+
+
+def test_nan_and_inf_in_nifti_are_refused_after_reading(tmp_path):
+    """ITK's NIfTI reader turns NaN and infinity into 0; the stored values are checked (issue 14, item 5)."""
+    values = np.zeros((4, 5, 6), np.float32)
+    values[1, 2, 3], values[2, 2, 2] = np.nan, -np.inf
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha"):
+        sitk.WriteImage(sitk.GetImageFromArray(values), str(tmp_path / f"v{suffix}"))
+        with pytest.raises(CimisError, match=r"has 1 NaN and 1 infinite voxels"):
+            read_image(tmp_path / f"v{suffix}")
+    import nibabel as nib  # another writer: float64, big-endian, its own data offset
+
+    nib.save(nib.Nifti1Image(values.astype(">f8"), np.eye(4)), str(tmp_path / "big_endian.nii.gz"))
+    with pytest.raises(CimisError, match=r"has 1 NaN and 1 infinite voxels"):
+        read_image(tmp_path / "big_endian.nii.gz")
+    values[1, 2, 3] = values[2, 2, 2] = 7.5  # finite floats read as before
+    sitk.WriteImage(sitk.GetImageFromArray(values), str(tmp_path / "ok.nii.gz"))
+    assert sitk.GetArrayViewFromImage(read_image(tmp_path / "ok.nii.gz"))[1, 2, 3] == 7.5
+
+
+def test_atomic_text_write_refuses_to_overwrite_and_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    import os
+
+    path = write_text_atomic(tmp_path / "report.md", "first\n")
+    with pytest.raises(CimisError, match="already exists") as info:
+        write_text_atomic(path, "second\n")
+    assert "--overwrite" in info.value.hint
+    write_text_atomic(path, "second\n", overwrite=True)
+    assert path.read_text() == "second\n"
+    assert write_json_atomic(tmp_path / "r.json", {"a": [1, 2]}).read_text() == '{\n  "a": [\n    1,\n    2\n  ]\n}\n'
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(CimisError, match="No space left on device"):
+        write_text_atomic(path, "third, never complete\n", overwrite=True)
+    monkeypatch.undo()
+    assert path.read_text() == "second\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "report.md"]  # no temporary file left
+    (tmp_path / "a_file").write_text("")
+    for where in (tmp_path / "a_file" / "report.md", tmp_path):  # a file where a folder is needed; a folder
+        with pytest.raises(CimisError, match="cannot write"):
+            write_text_atomic(where, "x")
+
+
+@pytest.mark.parametrize("good", ["case 1", "Patient é 肝", "a.b_c-d", "x" * 200])
+def test_ids_that_can_name_files(good):
+    assert check_id_as_file_name(good, "case id") == good
+
+
+@pytest.mark.parametrize("bad", ["", " ", "..", ".", ".hidden", "../../x", "/abs/x", "a/b", "a\\b", "C:x", "a\nb",
+                                 "a\x1bb", "trailing ", "dot.", "CON", "nul.txt", "x" * 201, 7, None])
+def test_ids_that_cannot_name_files_are_refused(bad):
+    with pytest.raises(CimisError, match="case id"):
+        check_id_as_file_name(bad, "case id")
 
 
 @pytest.mark.parametrize("content", [b"", b"not an image at all", b"\x1f\x8b\x08garbage"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from cimis.data.classes import ClassSet, btcv_classes
+from cimis.data.classes import ClassSet, btcv_classes, label_dtype
 from cimis.data.io import same_geometry, write_image
 from cimis.data.manifest import FORMAT, Case, Manifest, apply_label_map, load_case
 from cimis.errors import CimisError
@@ -78,6 +78,12 @@ def test_save_load_round_trip_writes_relative_paths(tmp_path):
         ({"cases": [{"id": "a", "image": "x", "label_map": {"1": 7}}], "splits": {}}, "not class values"),
         ({"classes": [{"name": "liver", "value": 0}]}, "positive"),
         ({"classes": None}, "'classes' must be a list"),
+        # Ids name prediction files: none may reach outside the output folder (issue 14, item 7).
+        ({"cases": [{"id": "../../x", "image": "x"}], "splits": {}}, "case id '../../x' cannot name a file"),
+        ({"cases": [{"id": "/tmp/x", "image": "x"}], "splits": {}}, "case id '/tmp/x' cannot name a file"),
+        ({"cases": [{"id": "a\rb", "image": "x"}], "splits": {}}, "control character"),
+        # Above 65535 a label value would wrap around in a uint16 label map (issue 14, item 6).
+        ({"classes": [{"name": "liver", "value": 65537}]}, "at most 65535"),
     ],
 )
 def test_invalid_manifests_raise_cimis_error(tmp_path, changes, message):
@@ -85,6 +91,11 @@ def test_invalid_manifests_raise_cimis_error(tmp_path, changes, message):
     with pytest.raises(CimisError, match=message) as info:
         Manifest.load(path)
     assert str(path) in info.value.message
+
+
+def test_ids_with_spaces_and_non_ascii_letters_are_kept(tmp_path):
+    path = write_manifest(tmp_path, cases=[{"id": "Patient 1 é", "image": "x"}], splits={"test": ["Patient 1 é"]})
+    assert [c.id for c in Manifest.load(path).cases_in("test")] == ["Patient 1 é"]
 
 
 def test_bad_json_and_missing_file(tmp_path):
@@ -153,6 +164,23 @@ def test_load_case_label_dtype_follows_class_values(tmp_path, make_image):
     assert lab.GetPixelID() == sitk.sitkUInt16 and sitk.GetArrayViewFromImage(lab).max() == 300
 
 
+def test_label_values_above_uint16_are_never_wrapped(tmp_path, make_image):
+    """Class 65537 stored as uint16 would be trained as class 1: refused wherever the dtype is chosen."""
+    with pytest.raises(CimisError, match="at most 65535"):
+        ClassSet.from_names(["big"], first_value=65537)
+    with pytest.raises(CimisError, match="does not fit"):
+        label_dtype([1, 70000])
+    assert label_dtype([255]) == np.uint8 and label_dtype([256, 65535]) == np.uint16
+    label = np.zeros((8, 10, 12), np.int32)
+    label[1] = 65537  # on disk; the class set knows only 1
+    _, case = _write_case(tmp_path, make_image, label)
+    with pytest.raises(CimisError, match=r"values \[65537\] outside the class list"):
+        load_case(case, ClassSet.from_names(["spleen"]))
+    case.label_map = {65537: 2}  # a label_map sends large on-disk values to small class values
+    _, lab = load_case(case, ClassSet.from_names(["spleen", "liver"]))
+    assert sitk.GetArrayViewFromImage(lab)[1].min() == 2
+
+
 def test_load_case_refuses_bad_inputs(tmp_path, make_image):
     label = np.zeros((8, 10, 12), np.uint8)
     label[1] = 1
@@ -162,10 +190,11 @@ def test_load_case_refuses_bad_inputs(tmp_path, make_image):
 
     nan = np.zeros((8, 10, 12), np.float32)
     nan[0, 0, 0] = np.nan
-    # NRRD, because ITK's NIfTI reader turns NaN into 0.
-    case.image = write_image(make_image(nan), tmp_path / "ct.nrrd")
-    with pytest.raises(CimisError, match="ct.nrrd has 1 NaN"):
-        load_case(case, btcv_classes())
+    for suffix in (".nrrd", ".nii.gz"):  # ITK's NIfTI reader turns NaN into 0: the file itself is checked
+        sitk.WriteImage(make_image(nan), str(tmp_path / f"ct{suffix}"))
+        case.image = tmp_path / f"ct{suffix}"
+        with pytest.raises(CimisError, match=f"ct{suffix} has 1 NaN"):
+            load_case(case, btcv_classes())
 
     with pytest.raises(CimisError, match="does not exist"):
         load_case(Case("x", tmp_path / "missing.nii.gz"), btcv_classes())

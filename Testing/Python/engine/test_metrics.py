@@ -260,6 +260,37 @@ def test_write_creates_the_three_files(classes, tmp_path):
     assert all(p.is_file() for p in paths.values())
 
 
+def test_write_refuses_an_existing_report_and_writes_nothing(classes, tmp_path):
+    report = _two_case_report(classes)
+    paths = report.write(tmp_path / "out")
+    before = {p: p.read_bytes() for p in paths.values()}
+    paths["csv"].unlink()  # even a partly present report is not overwritten
+    with pytest.raises(CimisError, match="evaluation.md already exists") as info:
+        report.write(tmp_path / "out")
+    assert "--overwrite" in info.value.hint
+    assert not paths["csv"].exists() and paths["md"].read_bytes() == before[paths["md"]]
+    report.write(tmp_path / "out", overwrite=True)
+    assert all(p.read_bytes() == before[p] for p in paths.values())
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["evaluation.csv", "evaluation.json", "evaluation.md"]
+    with pytest.raises(CimisError, match="is a file"):
+        report.write(paths["md"])
+
+
+def test_class_names_cannot_drive_the_terminal_or_a_spreadsheet(tmp_path):
+    """A class name with control characters is shown escaped; one starting with = + - @ is text in CSV."""
+    classes = ClassSet.from_names(["=HYPERLINK(\"http://x\")", "liver\x1b[2J", "@sum", "a|b"])
+    pred = _empty()
+    pred[0:2, 0:2, 0:2] = 1
+    report = EvaluationReport(classes, [evaluate_case(pred, pred, ISO, classes, case_id="-1+1")])
+    table = report.to_markdown()
+    assert "\x1b" not in table and "liver\\x1b[2J" in table and "a\\|b" in table
+    with report.to_csv(tmp_path / "r.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["class"] for r in rows} == {"'=HYPERLINK(\"http://x\")", "liver\x1b[2J", "'@sum", "a|b"}
+    assert {r["case_id"] for r in rows} == {"'-1+1", "mean"}
+    assert all(not cell.startswith(("=", "+", "-", "@")) for r in rows for cell in (r["class"], r["case_id"]))
+
+
 def test_from_json_rejects_other_files(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"format": "something-else"}')

@@ -13,6 +13,7 @@ from cimis.data.classes import ClassInfo, ClassSet
 from cimis.evaluate import compare_label_maps
 from cimis.metrics import EvaluationReport
 from cimis.data.phantom import generate_phantom
+from cimis.errors import CimisError
 from cimis.realct import REAL_CT_OLD, survival_table
 from cimis.story import StoryResult
 
@@ -88,3 +89,38 @@ def test_story_command_on_a_folder_without_the_example_is_one_line(capsys, tmp_p
         line for line in err.splitlines() if line.strip()]
     assert "example_ct.nii.gz" in err
     assert not (tmp_path / "story").exists()  # the input is checked before anything is written
+
+
+def test_story_and_demo_replace_only_their_own_earlier_output(capsys, totalseg_folder, tmp_path):
+    """--overwrite clears a folder only when it carries the command's marker and nothing a user added;
+    without --overwrite nothing is deleted (issue 14, item 4)."""
+    from cimis.demo import prepare_output
+
+    earlier = tmp_path / "earlier"
+    prepare_output(earlier, overwrite=False)  # what an earlier demo run leaves: the marker, then its outputs
+    (earlier / "phantoms").mkdir()
+    (earlier / "phantoms" / "case.nii.gz").write_text("demo output")
+    (earlier / "notes.txt").write_text("a user's file")
+    for overwrite in (False, True):
+        with pytest.raises(CimisError, match="notes.txt"):
+            prepare_output(earlier, overwrite)
+        assert (earlier / "notes.txt").read_text() == "a user's file"
+        assert (earlier / "phantoms" / "case.nii.gz").exists()
+    (earlier / "notes.txt").unlink()
+    with pytest.raises(CimisError, match="earlier demo") as info:
+        prepare_output(earlier, overwrite=False)
+    assert "--overwrite" in info.value.hint
+    assert (earlier / "phantoms" / "case.nii.gz").exists()
+    prepare_output(earlier, overwrite=True)  # only the demo's own output: replaced
+    assert sorted(p.name for p in earlier.iterdir()) == [".cimis-demo"]
+
+    user = tmp_path / "user"  # no marker: never cleared, even with --overwrite
+    user.mkdir()
+    (user / "scan.nii.gz").write_text("a user's file")
+    code = main(["story", "--totalseg", str(totalseg_folder), "--out", str(user), "--overwrite", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "does not hold an earlier story" in err
+    assert (user / "scan.nii.gz").read_text() == "a user's file"
+    # A demo folder is not a story folder: story --overwrite refuses it.
+    with pytest.raises(CimisError, match="earlier story"):
+        prepare_output(earlier, True, "story", ".cimis-story", ("x",))

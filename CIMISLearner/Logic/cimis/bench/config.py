@@ -10,12 +10,11 @@ computed once.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cimis.bench.methods import DEFAULT_METHODS, parse_methods
+from cimis.data import io as data_io
 from cimis.errors import CimisError
 
 FORMAT = "cimis-bench/1"
@@ -146,16 +145,6 @@ def check_output_folder(out: Path) -> None:
 
 
 def write_json_atomic(path: Path, data: dict) -> Path:
-    """Write JSON so that ``path`` holds either the old or the complete new content, never a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide results from the group
-        with os.fdopen(handle, "w") as f:
-            json.dump(data, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    return path
+    """Write JSON so that ``path`` holds either the old or the complete new content, never a torn file
+    (the engine's shared helper, replacing what is there: a benchmark folder is the benchmark's own)."""
+    return data_io.write_json_atomic(path, data, overwrite=True)

@@ -16,6 +16,9 @@ from cimis.errors import CimisError
 
 Color = tuple[int, int, int]
 
+MAX_CLASS_VALUE = 65535
+"""The largest class label value: label maps are stored as uint8 or uint16 (see :func:`label_dtype`)."""
+
 # A qualitative palette close to Slicer's GenericAnatomyColors for abdominal organs; used when a class
 # arrives without a colour.
 _PALETTE: tuple[Color, ...] = (
@@ -51,6 +54,19 @@ class ClassInfo:
             raise CimisError(f"malformed class entry {entry!r}", "each class needs a name and an integer value") from exc
 
 
+def label_dtype(values: Iterable[int]) -> type:
+    """The smallest unsigned integer type holding every label value in ``values`` (uint8 or uint16).
+
+    Raises:
+        CimisError: a value does not fit uint16 (it would wrap around and become another class).
+    """
+    top = max(values, default=0)
+    if top > MAX_CLASS_VALUE:
+        raise CimisError(f"label value {top} does not fit a label map (at most {MAX_CLASS_VALUE})",
+                         "give the classes smaller label values")
+    return np.uint8 if top < 256 else np.uint16
+
+
 class ClassSet(Sequence[ClassInfo]):
     """An ordered list of foreground classes with unique names and unique positive label values.
 
@@ -71,6 +87,11 @@ class ClassSet(Sequence[ClassInfo]):
             raise CimisError(f"class names must be unique, got {names}")
         if any(v <= 0 for v in values):
             raise CimisError(f"class label values must be positive integers (0 is background), got {values}")
+        if any(v > MAX_CLASS_VALUE for v in values):
+            raise CimisError(f"class label values must be at most {MAX_CLASS_VALUE}, got "
+                             f"{[v for v in values if v > MAX_CLASS_VALUE][:10]}",
+                             "give the classes smaller values (a case's label_map can send larger on-disk "
+                             "values to them)")
         if len(set(values)) != len(values):
             raise CimisError(f"class label values must be unique, got {values}")
 

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import json
 import os
 import re
 import shutil
 import struct
 import tempfile
 import time
+import unicodedata
 import uuid
 import warnings
 import zlib
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Any, Iterator, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -44,7 +46,8 @@ def read_image(path: PathLike) -> sitk.Image:
     A folder with several series yields the series with the most files (with a warning naming the choice).
 
     Raises:
-        CimisError: the path does not exist, the file cannot be read, or the folder holds no DICOM series.
+        CimisError: the path does not exist, the file cannot be read, the folder holds no DICOM series, or
+            the volume has NaN or infinite voxels (whatever the format: NIfTI's are checked in the file).
     """
     path = Path(path)
     if not path.exists():
@@ -52,17 +55,75 @@ def read_image(path: PathLike) -> sitk.Image:
     if path.is_dir():
         return _read_dicom_folder(path)
     name = path.name.lower()
-    if name.endswith((".nii", ".nii.gz")):
+    nifti = name.endswith((".nii", ".nii.gz"))
+    if nifti:
         _check_nifti_complete(path, compressed=name.endswith(".gz"))
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        return reader.Execute()
+        image = reader.Execute()
     except RuntimeError as exc:
         raise CimisError(
             f"cannot read image file {path}: {_sitk_reason(exc)}",
             "check that it is a complete NIfTI, NRRD, MetaImage or DICOM file",
         ) from None
+    _check_finite_after_reading(image, path, nifti)
+    return image
+
+
+def _check_finite_after_reading(image: sitk.Image, path: Path, nifti: bool = False) -> None:
+    values = sitk.GetArrayViewFromImage(image)
+    if values.dtype.kind not in "fc":
+        return
+    error = nonfinite_error(path, values)
+    if error is not None:
+        raise error
+    if nifti:  # ITK's NIfTI reader has already turned NaN and infinity into 0
+        _check_nifti_finite(path, values)
+
+
+def nonfinite_error(path: PathLike, values: np.ndarray) -> CimisError | None:
+    """The error for an array holding NaN or infinite values (None when every value is finite)."""
+    if values.dtype.kind not in "fc" or np.isfinite(values).all():  # integer arrays are always finite
+        return None
+    nan = int(np.isnan(values).sum())
+    inf = int(np.isinf(values).sum())
+    return CimisError(
+        f"{path} has {nan} NaN and {inf} infinite voxels out of {values.size}",
+        "fix or re-export the image; NaN usually comes from a failed resampling or division",
+    )
+
+
+def _check_nifti_finite(path: Path, values: np.ndarray) -> None:
+    """Refuse a float NIfTI file holding NaN or infinite voxels. ITK's NIfTI reader turns them into 0, so
+    when ``values`` (what ITK read) has a 0, the stored values are streamed from the file and checked."""
+    if not (values == 0).any():
+        return  # no 0 read back, so no NaN or infinity was turned into one
+    compressed = path.name.lower().endswith(".gz")
+    opener = gzip.open if compressed else open
+    try:
+        with opener(path, "rb") as fh:
+            layout = _nifti_layout(fh.read(540))
+            float_types = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
+            if layout is None or layout["datatype"] not in float_types:
+                return
+            dtype = np.dtype(layout["endian"] + float_types[layout["datatype"]])
+            fh.seek(layout["offset"])
+            remaining, nan, inf = layout["voxels"], 0, 0
+            while remaining > 0:
+                chunk = np.frombuffer(fh.read(min(remaining, 1 << 22) * dtype.itemsize), dtype)
+                if not chunk.size:
+                    break
+                nan += int(np.isnan(chunk).sum())
+                inf += int(np.isinf(chunk).sum())
+                remaining -= chunk.size
+    except (OSError, EOFError, zlib.error, ValueError):
+        return  # ITK has read the file; its completeness was checked before
+    if nan or inf:
+        raise CimisError(
+            f"{path} has {nan} NaN and {inf} infinite voxels out of {values.size}",
+            "fix or re-export the image; NaN usually comes from a failed resampling or division",
+        )
 
 
 def _read_dicom_folder(folder: Path) -> sitk.Image:
@@ -92,12 +153,14 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files[chosen])
     try:
-        return reader.Execute()
+        image = reader.Execute()
     except RuntimeError as exc:
         raise CimisError(
             f"cannot read the DICOM series in {folder}: {_sitk_reason(exc)}",
             "check that the series is complete and its slices share one orientation",
         ) from None
+    _check_finite_after_reading(image, folder)
+    return image
 
 
 def _check_nifti_complete(path: Path, compressed: bool) -> None:
@@ -140,14 +203,23 @@ def _check_nifti_complete(path: Path, compressed: bool) -> None:
 
 def _nifti_data_end(header: bytes) -> int | None:
     """Offset of the end of the voxel data from a NIfTI-1 or NIfTI-2 header, or None if it is not one."""
+    layout = _nifti_layout(header)
+    if layout is None:
+        return None
+    return layout["offset"] + layout["voxels"] * layout["bitpix"] // 8
+
+
+def _nifti_layout(header: bytes) -> dict | None:
+    """Byte order, datatype code, bits per voxel, voxel count and data offset from a NIfTI-1 or NIfTI-2
+    header, or None if it is not one."""
     for endian in "<>":
         if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
             dims = struct.unpack(endian + "8h", header[40:56])
-            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
             offset = int(struct.unpack(endian + "f", header[108:112])[0])
             break
         if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
-            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
             dims = struct.unpack(endian + "8q", header[16:80])
             offset = struct.unpack(endian + "q", header[168:176])[0]
             break
@@ -156,7 +228,8 @@ def _nifti_data_end(header: bytes) -> int | None:
     if not 1 <= dims[0] <= 7 or bitpix <= 0:
         return None
     voxels = int(np.prod([max(int(d), 1) for d in dims[1 : dims[0] + 1]], dtype=np.int64))
-    return max(offset, 348) + voxels * bitpix // 8
+    return {"endian": endian, "datatype": datatype, "bitpix": bitpix, "voxels": voxels,
+            "offset": max(offset, 348)}
 
 
 def _sitk_reason(exc: RuntimeError) -> str:
@@ -170,6 +243,44 @@ def _sitk_reason(exc: RuntimeError) -> str:
             cleaned.append(line)
     reason = " ".join(cleaned) or str(exc).strip()
     return reason if len(reason) <= 240 else reason[:237] + "..."
+
+
+# --------------------------------------------------------------------------------------------- file names
+
+_FORBIDDEN_IN_NAMES = set('/\\:*?"<>|')  # separators, and what Windows refuses in a file name
+_WINDOWS_DEVICES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+MAX_ID_BYTES = 200  # below the usual 255-byte file-name limit, leaving room for a suffix
+
+
+def check_id_as_file_name(value: Any, what: str) -> str:
+    """``value`` if it can be used as a file name (``ID.nii.gz``) inside a chosen folder, on every platform.
+
+    Spaces and non-ASCII letters are fine; path separators, ``.``/``..``, a leading dot (hidden files and
+    our own staging folders), control characters, characters Windows refuses and its device names are not,
+    so an id can never write outside the folder it is meant for.
+
+    Raises:
+        CimisError: naming ``what`` (e.g. "case id") and the reason.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise CimisError(f"{what} must be a non-empty string, got {value!r}")
+    reason = None
+    if value in (".", "..") or value.startswith("."):
+        reason = "it starts with '.'"
+    elif any(c in _FORBIDDEN_IN_NAMES for c in value):
+        reason = f"it contains {next(c for c in value if c in _FORBIDDEN_IN_NAMES)!r}"
+    elif any(unicodedata.category(c)[0] == "C" for c in value):
+        reason = "it contains a control character"
+    elif value != value.strip() or value.endswith("."):
+        reason = "it starts or ends with a space, or ends with '.'"
+    elif value.split(".")[0].lower() in _WINDOWS_DEVICES:
+        reason = "Windows reserves that name for a device"
+    elif len(value.encode("utf-8")) > MAX_ID_BYTES:
+        reason = f"it is longer than {MAX_ID_BYTES} bytes"
+    if reason is not None:
+        raise CimisError(f"{what} {value!r} cannot name a file: {reason}",
+                         "ids name output files (ID.nii.gz); use letters, digits, spaces, '.', '_' and '-'")
+    return value
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -199,6 +310,9 @@ def staged_output(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
         for item in produced:
             _refuse_existing(path.parent / item.name, overwrite)
         for item in produced:
+            if item.is_file():
+                _fsync_file(item)  # a full disk that the write did not report can still surface here
+        for item in produced:
             os.replace(item, path.parent / item.name)
     except OSError as exc:
         raise CimisError(
@@ -210,7 +324,53 @@ def staged_output(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
 
 def _refuse_existing(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
-        raise CimisError(f"{path} already exists", "choose another output path or pass overwrite=True")
+        raise CimisError(f"{path} already exists", "choose another output path or pass --overwrite")
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def write_text_atomic(path: PathLike, text: str, overwrite: bool = False) -> Path:
+    """Write ``text`` so that ``path`` holds either its old content or the complete new one, never a torn
+    or empty file: a temporary file in the same folder, flushed and fsynced, then one ``os.replace``.
+
+    Raises:
+        CimisError: ``path`` exists and ``overwrite`` is false, ``path`` is a folder, or the write fails
+            (read-only folder, full disk); an existing file is then left as it was.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CimisError(f"cannot write {path}: it is a folder", "give a file path")
+    _refuse_existing(path, overwrite)
+    temporary: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide the file from the group
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temporary, path)
+        temporary = None
+    except (NotADirectoryError, FileExistsError):
+        raise CimisError(f"cannot write {path}: a file stands where a folder is needed",
+                         "choose an output path whose parent folders are folders") from None
+    except OSError as exc:
+        raise CimisError(f"cannot write {path}: {exc.strerror or exc}",
+                         "check free disk space and permissions, or choose another output folder") from None
+    finally:
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+    return path
+
+
+def write_json_atomic(path: PathLike, data: Any, overwrite: bool = False) -> Path:
+    """:func:`write_text_atomic` of ``data`` as indented JSON (NaN refused: strict parsers reject it)."""
+    return write_text_atomic(path, json.dumps(data, indent=2, allow_nan=False) + "\n", overwrite)
 
 
 def write_image(image: sitk.Image, path: PathLike, overwrite: bool = False) -> Path:
@@ -227,11 +387,37 @@ def write_image(image: sitk.Image, path: PathLike, overwrite: bool = False) -> P
         try:
             sitk.WriteImage(image, str(tmp), compress)
         except RuntimeError as exc:
+            reason = _sitk_reason(exc)
+            full = "space" in reason.lower() or "wrote only" in reason.lower()
             raise CimisError(
-                f"cannot write image file {path}: {_sitk_reason(exc)}",
-                "use an extension such as .nii.gz, .nrrd or .mha",
+                f"cannot write image file {path}: {reason}",
+                "free disk space or choose another output folder" if full
+                else "use an extension such as .nii.gz, .nrrd or .mha",
             ) from None
+        _check_written(image, tmp, path)
     return path
+
+
+def _check_written(image: sitk.Image, staged: Path, path: Path) -> None:
+    """Read the staged file back and compare it with ``image``: ITK's NIfTI writer reports no error when the
+    disk fills up (it leaves a truncated or empty file), so only a read-back shows that the write failed."""
+    failed = CimisError(f"cannot write image file {path}: the written file does not read back complete "
+                        "(is the disk full?)", "free disk space or choose another output folder")
+    name = staged.name.lower()
+    try:
+        if name.endswith((".nii", ".nii.gz")):
+            _check_nifti_complete(staged, compressed=name.endswith(".gz"))
+        back = sitk.ReadImage(str(staged))
+    except (CimisError, RuntimeError):
+        raise failed from None
+    if back.GetSize() != image.GetSize() or back.GetNumberOfComponentsPerPixel() != image.GetNumberOfComponentsPerPixel():
+        raise failed
+    written, wanted = sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image)
+    if wanted.dtype.kind in "fc":  # NIfTI reads NaN and infinity back as 0: compare the finite voxels
+        finite = np.isfinite(wanted)
+        written, wanted = written[finite], wanted[finite]
+    if not np.array_equal(written, wanted):
+        raise failed
 
 
 def write_dicom_series(
@@ -253,7 +439,7 @@ def write_dicom_series(
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise CimisError(f"cannot write {folder} as DICOM: only 3D scalar images can be written as a series")
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
-        raise CimisError(f"{folder} already exists and is not empty", "choose another folder or pass overwrite=True")
+        raise CimisError(f"{folder} already exists and is not empty", "choose another folder or pass --overwrite")
     direction = np.array(image.GetDirection()).reshape(3, 3)
     if np.linalg.det(direction) < 0:
         warnings.warn(

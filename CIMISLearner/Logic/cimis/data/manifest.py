@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from cimis.data.classes import ClassSet
-from cimis.data.io import PathLike, copy_geometry, read_image, staged_output
+from cimis.data.classes import ClassSet, label_dtype
+from cimis.data.io import PathLike, check_id_as_file_name, copy_geometry, read_image, staged_output
 from cimis.data.validation import (
     check_3d,
     check_finite,
@@ -61,6 +61,8 @@ class Manifest:
 
     def __post_init__(self) -> None:
         ids = [c.id for c in self.cases]
+        for case_id in ids:  # ids name prediction files (cimis segment --manifest writes OUTPUT/ID.nii.gz)
+            check_id_as_file_name(case_id, f"manifest {self.name!r}: case id")
         duplicates = sorted(i for i, n in Counter(ids).items() if n > 1)
         if duplicates:
             raise CimisError(
@@ -269,8 +271,7 @@ def load_case(case: Case, classes: ClassSet) -> tuple[sitk.Image, sitk.Image | N
     check_label_values(values, classes, case.label)
     check_not_empty(values, case.label)
 
-    dtype = np.uint8 if max(classes.values, default=0) < 256 else np.uint16
-    out = sitk.GetImageFromArray(np.asarray(values).astype(dtype, copy=False))
+    out = sitk.GetImageFromArray(np.asarray(values).astype(label_dtype(classes.values), copy=False))
     return image, copy_geometry(image, out)  # the image's exact grid, not the label's rounded copy
 
 
@@ -281,7 +282,7 @@ def apply_label_map(label_array: np.ndarray, label_map: dict[int, int]) -> np.nd
     """
     label_array = np.asarray(label_array)
     present = label_values(label_array)
-    dtype = np.uint8 if max(label_map.values(), default=0) < 256 else np.uint16
+    dtype = label_dtype(label_map.values())
     targets = np.array([label_map.get(int(v), 0) for v in present.tolist()], dtype=dtype)
     top = int(present.max()) if present.size else 0
     if top <= 1 << 20:  # the usual case: a dense lookup table indexed by the value itself

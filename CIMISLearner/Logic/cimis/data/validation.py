@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from cimis.data.classes import ClassSet
-from cimis.data.io import PathLike, geometry_summary, same_geometry
+from cimis.data.io import PathLike, geometry_summary, nonfinite_error, same_geometry
 from cimis.errors import CimisError
 
 MEMORY_LIMIT_ENV = "CIMIS_MEMORY_LIMIT_BYTES"
@@ -59,15 +59,9 @@ def check_3d(image: sitk.Image, path: PathLike) -> None:
 
 def check_finite(image: sitk.Image, path: PathLike) -> None:
     """Refuse images with NaN or infinite voxels, saying how many there are."""
-    values = sitk.GetArrayViewFromImage(image)
-    if values.dtype.kind not in "fc" or np.isfinite(values).all():  # integer images are always finite
-        return
-    nan = int(np.isnan(values).sum())
-    inf = int(np.isinf(values).sum())
-    raise CimisError(
-        f"{path} has {nan} NaN and {inf} infinite voxels out of {values.size}",
-        "fix or re-export the image; NaN usually comes from a failed resampling or division",
-    )
+    error = nonfinite_error(path, sitk.GetArrayViewFromImage(image))
+    if error is not None:
+        raise error
 
 
 def check_same_geometry(

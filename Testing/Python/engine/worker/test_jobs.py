@@ -81,6 +81,32 @@ def test_a_segment_job_names_its_outputs_after_the_images(files):
     check_segment_inputs(job.images)
 
 
+def test_a_cancel_file_naming_an_existing_file_is_refused(files):
+    """The worker deletes the cancel file it obeys: naming a file that exists (here the user's notes in the
+    output folder) must be refused before anything runs, and the file kept."""
+    notes = files / "jobs" / "j1" / "notes.txt"
+    notes.parent.mkdir(parents=True)
+    notes.write_text("mine")
+    for cancel_file in ("jobs/j1/notes.txt", "jobs/j1"):
+        with pytest.raises(CimisError, match="cancel") as info:
+            load_job(write(files, changed(cancel_file=cancel_file)))
+        assert info.value.hint
+    (files / "jobs" / "j1" / "cancel").write_text("a user's file")  # the default name, taken by a user's file
+    with pytest.raises(CimisError, match="already exists"):
+        load_job(write(files, LEARN))
+    assert notes.read_text() == "mine" and (files / "jobs" / "j1" / "cancel").read_text() == "a user's file"
+    # An empty file is a cancel request made before the worker got to the job file: accepted (it cancels).
+    (files / "jobs" / "j1" / "cancel").write_text("")
+    assert load_job(write(files, LEARN)).cancel_file == files / "jobs" / "j1" / "cancel"
+
+
+def test_ids_may_hold_spaces_and_non_ascii_letters(files):
+    (files / "data" / "Patient 1 é.nii.gz").write_bytes((files / "data" / "ct.nii.gz").read_bytes())
+    job = load_job(write(files, {"format": "cimis-job/1", "kind": "segment", "registry": "models", "output": "out",
+                                  "data": {"images": ["data/Patient 1 é.nii.gz", {"id": "foie 2", "image": "data/ct.nii.gz"}]}}))
+    assert [i.id for i in job.images] == ["Patient 1 é", "foie 2"]
+
+
 @pytest.mark.parametrize("changes, message, hint", [
     ({"format": "cimis-job/0"}, "'format' is 'cimis-job/0'", "cimis-job/1"),
     ({"kind": "teach"}, "'kind' is 'teach'", "train, learn, segment"),
@@ -93,7 +119,7 @@ def test_a_segment_job_names_its_outputs_after_the_images(files):
     ({"learn": {"activate": "yes"}}, "learn.activate must be true or false", None),
     ({"registry": DELETE}, "the job has no 'registry'", None),
     ({"output": "models/jobs"}, "overlap", None),
-    ({"id": "../x"}, "'id' '../x' must start with a letter", None),
+    ({"id": "../x"}, "'id' '../x' cannot name a file", None),
     ({"device": "gpu"}, "'device' is 'gpu'", "auto, cpu, cuda"),
     ({"threads": 0}, "'threads' must be a positive integer", None),
     ({"data": DELETE}, "the job has no 'data'", None),
@@ -101,7 +127,12 @@ def test_a_segment_job_names_its_outputs_after_the_images(files):
     ({"data__cases__0__label": DELETE}, "data.cases[0] has no 'label'", None),
     ({"data__cases__0__labels": "x"}, "unknown key 'labels' in data.cases[0]", "did you mean 'label'"),
     ({"data__cases__0__split": "test"}, "data.cases[0].split is 'test'", "train or val"),
-    ({"data__cases__0__id": "a/b"}, "data.cases[0].id 'a/b' must start with a letter", None),
+    ({"data__cases__0__id": "a/b"}, "data.cases[0].id 'a/b' cannot name a file", None),
+    ({"data__cases__0__id": ".."}, "data.cases[0].id '..' cannot name a file", None),
+    ({"data__cases__0__id": "a\nb"}, "control character", None),
+    ({"cancel_file": "data/ct.nii.gz"}, "is not inside the output folder", "new file inside the output folder"),
+    ({"cancel_file": "jobs/j1"}, "is not inside the output folder", None),
+    ({"cancel_file": "jobs/j1/../j2/cancel"}, "is not inside the output folder", None),
     ({"data__cases__0__split": "val"}, "no case is in the train split", None),
     ({"data__classes": []}, "data.classes must be a non-empty list", None),
     ({"data__classes__0__value": 0}, "label values must be positive", None),

@@ -222,6 +222,25 @@ def test_outside_the_main_thread_only_the_cancel_file_cancels(tmp_path):
     assert seen == {"handler": handler_before, "reason": "cancel file"}
 
 
+def test_the_worker_deletes_only_a_cancel_file_that_appeared_while_it_ran(tmp_path):
+    """The cancel file it obeyed is the client's request and goes; a file with content that was there
+    before the job started is someone's file and stays, even when it cancels the job."""
+    import io
+
+    from cimis.worker import Cancellation, EventStream
+
+    for before, after, kept in (("a user's file", "a user's file", True), (None, "", False), ("", "", False)):
+        cancel = tmp_path / f"cancel-{before}-{after}"
+        if before is not None:
+            cancel.write_text(before)
+        cancellation = Cancellation(EventStream(io.StringIO()))
+        cancellation.watch_file(cancel)
+        cancel.write_text(after)
+        cancellation.request("cancel file")
+        cancellation.remove_cancel_file()
+        assert cancel.exists() == kept
+
+
 # ------------------------------------------------------------------------------- kill -9 and resume
 def test_kill_9_at_several_points_then_resume(kit, dataset, base_registry, tmp_path):
     """Kill the worker during data loading, after a checkpoint, at the start of the final save, while the
@@ -307,6 +326,9 @@ BAD_INPUTS = {
     "corrupted model": ("does not match the checksum", "activate another version"),
     "truncated model": ("truncated", "activate another version"),
     "truncated model card": ("unreadable or truncated", "activate another version"),
+    # Data-loss cases (issue 14): the worker deleted a cancel_file naming a user's file, and a user's tmp/.
+    "cancel file names an existing file": ("not inside the output folder", "new file"),
+    "output folder holds a user's tmp": ("tmp folder that is not the job's", "move it away"),
 }
 
 
@@ -339,6 +361,13 @@ def test_bad_input_gives_an_error_event_and_writes_nothing(kit, dataset, base_re
         _corrupt(base_registry, "weights.safetensors", "truncate")
     elif case == "truncated model card":
         _corrupt(base_registry, "card.json", "truncate")
+    elif case == "cancel file names an existing file":
+        mine = tmp_path / "my_ct.nii.gz"
+        mine.write_bytes(kit.image_of(dataset, 0).read_bytes())
+        job["cancel_file"] = str(mine)
+    elif case == "output folder holds a user's tmp":
+        (tmp_path / "out" / "tmp").mkdir(parents=True)
+        (tmp_path / "out" / "tmp" / "notes.txt").write_text("the user's")
     job_file = kit.write_job(tmp_path / "job.json", text or job)
     before = kit.tree_snapshot(tmp_path)
     started = time.monotonic()
