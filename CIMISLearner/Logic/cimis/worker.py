@@ -18,6 +18,9 @@ Safety rules the code below keeps:
   version's summary).
 * Cancel: SIGTERM, SIGINT and the cancel file raise :class:`JobCancelled` in the main thread; a watcher
   thread ends the process itself if the main thread is stuck in native code for :data:`CANCEL_GRACE_S`.
+  A worker started by a client that names itself in ``CIMIS_OWNER_PID`` also cancels itself when that
+  process or its own parent (a launcher such as PythonSlicer) is gone: nobody is left to ask before a
+  version is published.
 * CUDA out of memory: :func:`next_attempt_after_oom` says what to try next (smaller batch, smaller patch,
   then the CPU) and :func:`run_with_oom_retries` retries, reporting each change as an ``oom`` event.
 """
@@ -53,6 +56,7 @@ CANCEL_GRACE_S = 3.0  # after a cancel request, the watcher ends a main thread s
 CANCEL_POLL_S = 0.2
 PAUSE_ENV = "CIMIS_WORKER_PAUSE_AT"  # fault-injection tests: "POINT[,POINT]" pauses there (docs/worker-protocol.md)
 PAUSE_SECONDS = 120.0
+OWNER_PID_ENV = "CIMIS_OWNER_PID"  # set by a client (Slicer): the job cancels itself when that process is gone
 STATE_FORMAT = "cimis-job-state/1"
 
 T = TypeVar("T")
@@ -134,6 +138,59 @@ class JobCancelled(BaseException):
         self.reason = reason
 
 
+class OwnerWatch:
+    """The processes whose end orphans the job: the client named in ``CIMIS_OWNER_PID`` and the worker's own
+    parent when it started (PythonSlicer's launcher, or the client itself)."""
+
+    def __init__(self, owner_pid: int, parent_pid: int):
+        self.owner_pid, self.parent_pid = owner_pid, parent_pid
+
+    @classmethod
+    def from_environment(cls) -> "OwnerWatch | None":
+        text = os.environ.get(OWNER_PID_ENV, "").strip()
+        if not text.isdigit():
+            return None  # a batch run from a shell: no owner to outlive
+        return cls(int(text), os.getppid())
+
+    def gone(self) -> str | None:
+        """Which process is gone, or None."""
+        if os.name != "nt" and os.getppid() != self.parent_pid:  # reparented: the parent has ended
+            return "parent process gone"
+        if not process_alive(self.parent_pid):
+            return "parent process gone"
+        if not process_alive(self.owner_pid):
+            return "owner process gone"
+        return None
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` is running (a zombie, ended but not yet reaped, is not). Standard library only:
+    Slicer's Python has no psutil."""
+    if os.name == "nt":
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        try:
+            code = ctypes.c_ulong()
+            return not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)) or code.value == 259  # STILL_ACTIVE
+        finally:
+            kernel32.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): signal 0 is all there is
+
+
 def exit_code_for(reason: str) -> int:
     return EXIT_SIGINT if reason == "SIGINT" else EXIT_SIGTERM
 
@@ -171,6 +228,7 @@ class Cancellation:
         self._wakeup: tuple[int, int] | None = None
         self._old_wakeup_fd = -1
         self.owns_process = False  # only a job run in the main thread may interrupt it or end the process
+        self.owners = OwnerWatch.from_environment()
 
     # ------------------------------------------------------------------------------- lifecycle
     def install(self) -> None:
@@ -262,6 +320,9 @@ class Cancellation:
             if self.reason is None and self.cancel_file is not None and self.cancel_file.exists():
                 if self.request("cancel file") and self.owns_process:
                     _interrupt_main()
+            orphaned = self.owners.gone() if self.reason is None and self.owners is not None else None
+            if orphaned is not None and self.request(orphaned) and self.owns_process:
+                _interrupt_main()
             if self.owns_process and self.reason is not None and time.monotonic() - self.requested_at > self.grace_s:
                 self._force_exit()
 

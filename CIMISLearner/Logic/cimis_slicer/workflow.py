@@ -273,9 +273,10 @@ class Workflow:
             self.task.process.cancel()
 
     def shutdown(self) -> None:
-        """Slicer is closing: end a running worker (the registry is safe against this by design)."""
+        """Slicer is closing: the worker's cancel file first, then its whole process tree (the real Python
+        behind the PythonSlicer launcher too); the job publishes nothing."""
         if self.task is not None:
-            self.task.process.kill()
+            self.task.process.shutdown()
             self.task = None
 
     # ---------------------------------------------------------------------------------------- helpers
