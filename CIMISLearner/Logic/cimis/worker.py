@@ -833,19 +833,46 @@ def run_learn(run: JobRun) -> dict:
             )
 
         model_dir = run_with_oom_retries(learn, first, None, run.oom_retry, _free_cuda_memory)
+    check = _check_new_version(run, base_dir, model_dir, new, first)
     card = read_json_file(model_dir / "card.json", "the new model's card")
     summary = {
         "kind": "learn", "note": settings.get("note", ""), "base_version": base, "dataset": manifest.name,
         "strategy": strategy, "new_classes": new.names, "iterations": config.iterations, "device": run.device,
-        "metrics": card.get("metrics", {}), "job": {**job.to_json(), "token": state["token"]},
+        "metrics": card.get("metrics", {}), "check": check, "job": {**job.to_json(), "token": state["token"]},
     }
     registry = run.publish(job.registry, model_dir, summary, settings.get("activate", True), state["token"])
     result = run.result(version=run.published, active=registry.active_version() == run.published,
                         base_version=base, model=registry.versions_dir / run.published,
-                        classes=classes_of(card).names, new_classes=new.names,
+                        classes=classes_of(card).names, new_classes=new.names, check=check,
                         metrics=card.get("metrics", {}), registry=registry.root, outputs=[])
     run.work.finish(result)
     return result
+
+
+def _check_new_version(run: JobRun, base_dir: Path, model_dir: Path, new, first: Attempt) -> dict:
+    """Score the new version before it is published (cimis.version_check): Dice of the new organs on the
+    volumes marked for validation, old and new versions' agreement on every old organ."""
+    from cimis.infer import segment_image
+    from cimis.version_check import score_new_version
+
+    manifest = run.job.manifest
+    run.stage("scoring", volumes=len(manifest.cases_in("train") + manifest.cases_in("val")))
+    attempt_box = {"attempt": replace(first, batch_size=2)}
+
+    def segment(net, card, image):
+        def one(attempt: Attempt):
+            attempt_box["attempt"] = attempt
+            return segment_image(net.to(attempt.device), card, image, device=attempt.device,
+                                 sw_batch_size=attempt.batch_size).label
+
+        import SimpleITK as sitk
+
+        label = run_with_oom_retries(one, attempt_box["attempt"], None, run.oom_retry, _free_cuda_memory)
+        return sitk.GetArrayFromImage(label)
+
+    check = score_new_version(base_dir, model_dir, manifest, new, run.device, segment, run.cancellation.check)
+    run.events.emit("check", **check)
+    return check
 
 
 def run_segment(run: JobRun) -> dict:

@@ -40,8 +40,8 @@ def worker_python() -> str:
     return shutil.which("PythonSlicer") or sys.executable
 
 
-def worker_command(job_file: Path, python: str | None = None) -> list[str]:
-    return [python or worker_python(), "-m", "cimis.cli", "worker", str(job_file)]
+def worker_command(job_file: Path, python: str | None = None, resume: bool = False) -> list[str]:
+    return [python or worker_python(), "-m", "cimis.cli", "worker", str(job_file)] + (["--resume"] if resume else [])
 
 
 def detached_process_options() -> dict:
@@ -132,10 +132,11 @@ class WorkerProcess:
         log_dir: where the worker's stderr (human-readable logs, tracebacks of bugs) is written.
         python: the interpreter to run (default :func:`worker_python`).
         env: extra environment variables (tests pin thread counts with them).
+        resume: continue the job from its output folder (``cimis worker --resume``).
     """
 
     def __init__(self, job_file: Path, cancel_file: Path, log_dir: Path, python: str | None = None,
-                 env: dict | None = None):
+                 env: dict | None = None, resume: bool = False):
         self.job_file = Path(job_file)
         self.cancel_file = Path(cancel_file)
         self.stderr_path = Path(log_dir) / STDERR_FILE
@@ -150,9 +151,9 @@ class WorkerProcess:
         environment.update(env or {})
         self.cancel_requested_at: float | None = None
         self.stderr_path.parent.mkdir(parents=True, exist_ok=True)
-        self._stderr = open(self.stderr_path, "wb")
+        self._stderr = open(self.stderr_path, "ab" if resume else "wb")
         try:
-            self.process = subprocess.Popen(worker_command(self.job_file, python), stdout=subprocess.PIPE,
+            self.process = subprocess.Popen(worker_command(self.job_file, python, resume), stdout=subprocess.PIPE,
                                             stderr=self._stderr, stdin=subprocess.DEVNULL, env=environment,
                                             cwd=str(self.job_file.parent), **detached_process_options())
         except OSError as exc:
