@@ -1,8 +1,7 @@
-"""The panel's rules (which buttons, which message) and the first-use install plan, without Qt."""
+"""The panel's rules (which buttons, which message), without Qt. The first-use install plan: test_first_use.py."""
 
 from __future__ import annotations
 
-from cimis_slicer.dependencies import InstallPlan, missing_requirements, read_requirements
 from cimis_slicer.panel import PanelInputs, panel_view, parse_structure_names
 from cimis_slicer.worker_process import JobStatus, format_duration
 
@@ -45,17 +44,3 @@ def test_worker_error_is_shown_as_an_error():
 def test_structure_names_and_durations():
     assert parse_structure_names(" pancreas, right adrenal gland;; ,") == ["pancreas", "right adrenal gland"]
     assert [format_duration(s) for s in (5, 65, 7300)] == ["5 s", "1 min 05 s", "2 h 01 min"]
-
-
-def test_install_plan_lists_only_what_is_missing(tmp_path):
-    requirements = tmp_path / "requirements.txt"
-    requirements.write_text("# comment\nnumpy>=1.0  # present\nnumpy>=999\nno-such-package-cimis>=1\n")
-    assert read_requirements(requirements) == ["numpy>=1.0", "numpy>=999", "no-such-package-cimis>=1"]
-    plan = missing_requirements(requirements)
-    assert plan.requirements == ["numpy>=999", "no-such-package-cimis>=1"]
-    assert not plan.torch_missing and "no-such-package-cimis" in plan.question()
-    assert InstallPlan().nothing_to_do
-
-
-def test_shipped_requirements_are_satisfied_in_the_dev_environment():
-    assert missing_requirements().nothing_to_do
