@@ -328,7 +328,7 @@ class Workflow:
         return task.folder
 
     def train_first_model(self, cases: list[LearnCase], settings: JobSettings | None = None,
-                          network: str = "small") -> Path:
+                          network: str | dict = "small", preprocess: dict | None = None) -> Path:
         """An empty registry's first model, from painted volumes: every painted segment becomes a class
         (the worker's train job). The registry folder is created by the job."""
         settings = settings or JobSettings()
@@ -353,7 +353,7 @@ class Workflow:
         if budget:
             job["budget"] = budget
         job["data"] = {"classes": [c.to_json() for c in classes], "cases": job_cases}
-        job["train"] = {"network": network, "activate": True,
+        job["train"] = {"network": network, "activate": True, **({"preprocess": preprocess} if preprocess else {}),
                         "note": settings.note or f"first model ({', '.join(classes.names)}) trained in 3D Slicer"}
 
         def on_done(result: dict) -> None:
