@@ -44,3 +44,25 @@ def test_worker_error_is_shown_as_an_error():
 def test_structure_names_and_durations():
     assert parse_structure_names(" pancreas, right adrenal gland;; ,") == ["pancreas", "right adrenal gland"]
     assert [format_duration(s) for s in (5, 65, 7300)] == ["5 s", "1 min 05 s", "2 h 01 min"]
+
+
+def test_empty_registry_offers_import_and_a_first_model():
+    view = panel_view(PanelInputs(registry_empty=True, volume_selected=True))
+    assert view.import_enabled and not view.train_first_enabled and not view.segment_enabled
+    assert "Import" in view.status and "Train a first model" in view.status
+    view = panel_view(PanelInputs(registry_empty=True, volume_selected=True, segmentation_selected=True))
+    assert view.train_first_enabled and not view.learn_enabled
+
+
+def test_a_running_job_locks_the_registry_and_the_versions():
+    view = panel_view(PanelInputs(registry_ok=True, job_running=True, job_kind="learn", version_selected=True,
+                                  any_version_selected=True, awaiting_activation=True, can_resume=True))
+    assert not (view.registry_change_enabled or view.import_enabled or view.export_enabled or view.delete_enabled
+                or view.activate_learned_enabled or view.resume_enabled)
+
+
+def test_learned_version_waits_for_activate_and_a_cancelled_learn_for_resume():
+    view = panel_view(PanelInputs(registry_ok=True, volume_selected=True, awaiting_activation=True, can_resume=True,
+                                  any_version_selected=True))
+    assert view.activate_learned_enabled and view.resume_enabled and view.export_enabled
+    assert not view.delete_enabled  # the active version is selected: the registry refuses to delete it
