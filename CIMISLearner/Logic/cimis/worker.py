@@ -819,9 +819,9 @@ def run_learn(run: JobRun) -> dict:
     run.work.clean_partial_saves()
 
     model_dir = run.work.finished_model()
+    first = Attempt(device, config.batch_size, tuple(load_card(base_dir).preprocessing.patch_size))
     if model_dir is None:
         run.stage("training", iterations=config.iterations, base_version=base, new_classes=new.names)
-        first = Attempt(device, config.batch_size, tuple(load_card(base_dir).preprocessing.patch_size))
 
         def learn(attempt: Attempt) -> Path:
             # The patch size belongs to the model (its card), so only the batch and the device may change.
