@@ -250,7 +250,10 @@ class Workflow:
             for item in result.get("outputs", []):
                 volume = by_id[item["id"]]
                 labels = read_label_array(self.context.scene, Path(item["label"]), geometry_of(volume))
-                name = f"{volume.GetName()} segmentation {version}"
+                # The node's name marks the version's new organs, visibly, in every node list of Slicer; the
+                # segments keep the class names, which later Learn steps match on.
+                marked = f" (new: {', '.join(new_classes)})" if new_classes else ""
+                name = f"{volume.GetName()} segmentation {version}{marked}"
                 created.append(import_label_array(self.context, labels, volume, classes, name, new_classes, version))
             self.outcome.segmentations.extend(created)
             self.outcome.version = version

@@ -52,6 +52,7 @@ def test_full_round_segment_paint_learn_resegment(kit, context, registry_copy, t
     assert segment_tag(result.second, names[kit.NEW_CLASS], NEW_CLASS_TAG) == "true"
     assert segment_tag(result.second, names["liver"], NEW_CLASS_TAG) == "false"
     assert result.second.GetAttribute("CIMISLearner.Version") == "v0002"
+    assert result.second.GetName() == f"CT segmentation v0002 (new: {kit.NEW_CLASS})"  # visible in node lists
     assert reference_geometry(result.second).same_grid(geometry)
     assert export_label_array(context, result.second, list(names.values()), ct).shape == geometry.shape
     # Nothing was replaced: the first result and the painted segmentation are still there, unchanged.
