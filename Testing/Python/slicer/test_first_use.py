@@ -10,13 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from cimis_slicer.dependencies import SHIPPED_WITH_SLICER, InstallPlan, missing_requirements, read_requirements
 
 LOGIC = Path(__file__).resolve().parents[3] / "CIMISLearner" / "Logic"
-ENGINE_MODULES = ("torch", "monai", "safetensors", "nibabel", "tqdm", "cimis.model", "cimis.infer", "cimis.train",
-                  "cimis.incremental", "cimis.version_check")
 NOT_IN_FRESH_SLICER = ("torch", "functorch", "torchgen", "monai", "safetensors", "nibabel", "tqdm", "cimis",
                        "__editable__")
 
