@@ -18,6 +18,9 @@ Safety rules the code below keeps:
   version's summary).
 * Cancel: SIGTERM, SIGINT and the cancel file raise :class:`JobCancelled` in the main thread; a watcher
   thread ends the process itself if the main thread is stuck in native code for :data:`CANCEL_GRACE_S`.
+  A worker started by a client that names itself in ``CIMIS_OWNER_PID`` also cancels itself when that
+  process or its own parent (a launcher such as PythonSlicer) is gone: nobody is left to ask before a
+  version is published.
 * CUDA out of memory: :func:`next_attempt_after_oom` says what to try next (smaller batch, smaller patch,
   then the CPU) and :func:`run_with_oom_retries` retries, reporting each change as an ``oom`` event.
 """
@@ -53,6 +56,7 @@ CANCEL_GRACE_S = 3.0  # after a cancel request, the watcher ends a main thread s
 CANCEL_POLL_S = 0.2
 PAUSE_ENV = "CIMIS_WORKER_PAUSE_AT"  # fault-injection tests: "POINT[,POINT]" pauses there (docs/worker-protocol.md)
 PAUSE_SECONDS = 120.0
+OWNER_PID_ENV = "CIMIS_OWNER_PID"  # set by a client (Slicer): the job cancels itself when that process is gone
 STATE_FORMAT = "cimis-job-state/1"
 
 T = TypeVar("T")
@@ -134,6 +138,59 @@ class JobCancelled(BaseException):
         self.reason = reason
 
 
+class OwnerWatch:
+    """The processes whose end orphans the job: the client named in ``CIMIS_OWNER_PID`` and the worker's own
+    parent when it started (PythonSlicer's launcher, or the client itself)."""
+
+    def __init__(self, owner_pid: int, parent_pid: int):
+        self.owner_pid, self.parent_pid = owner_pid, parent_pid
+
+    @classmethod
+    def from_environment(cls) -> "OwnerWatch | None":
+        text = os.environ.get(OWNER_PID_ENV, "").strip()
+        if not text.isdigit():
+            return None  # a batch run from a shell: no owner to outlive
+        return cls(int(text), os.getppid())
+
+    def gone(self) -> str | None:
+        """Which process is gone, or None."""
+        if os.name != "nt" and os.getppid() != self.parent_pid:  # reparented: the parent has ended
+            return "parent process gone"
+        if not process_alive(self.parent_pid):
+            return "parent process gone"
+        if not process_alive(self.owner_pid):
+            return "owner process gone"
+        return None
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` is running (a zombie, ended but not yet reaped, is not). Standard library only:
+    Slicer's Python has no psutil."""
+    if os.name == "nt":
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        try:
+            code = ctypes.c_ulong()
+            return not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)) or code.value == 259  # STILL_ACTIVE
+        finally:
+            kernel32.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): signal 0 is all there is
+
+
 def exit_code_for(reason: str) -> int:
     return EXIT_SIGINT if reason == "SIGINT" else EXIT_SIGTERM
 
@@ -172,6 +229,7 @@ class Cancellation:
         self._wakeup: tuple[int, int] | None = None
         self._old_wakeup_fd = -1
         self.owns_process = False  # only a job run in the main thread may interrupt it or end the process
+        self.owners = OwnerWatch.from_environment()
 
     # ------------------------------------------------------------------------------- lifecycle
     def install(self) -> None:
@@ -271,6 +329,9 @@ class Cancellation:
             if self.reason is None and self.cancel_file is not None and self.cancel_file.exists():
                 if self.request("cancel file") and self.owns_process:
                     _interrupt_main()
+            orphaned = self.owners.gone() if self.reason is None and self.owners is not None else None
+            if orphaned is not None and self.request(orphaned) and self.owns_process:
+                _interrupt_main()
             if self.owns_process and self.reason is not None and time.monotonic() - self.requested_at > self.grace_s:
                 self._force_exit()
 
@@ -780,9 +841,9 @@ def run_learn(run: JobRun) -> dict:
     run.work.clean_partial_saves()
 
     model_dir = run.work.finished_model()
+    first = Attempt(device, config.batch_size, tuple(load_card(base_dir).preprocessing.patch_size))
     if model_dir is None:
         run.stage("training", iterations=config.iterations, base_version=base, new_classes=new.names)
-        first = Attempt(device, config.batch_size, tuple(load_card(base_dir).preprocessing.patch_size))
 
         def learn(attempt: Attempt) -> Path:
             # The patch size belongs to the model (its card), so only the batch and the device may change.
@@ -794,19 +855,46 @@ def run_learn(run: JobRun) -> dict:
             )
 
         model_dir = run_with_oom_retries(learn, first, None, run.oom_retry, _free_cuda_memory)
+    check = _check_new_version(run, base_dir, model_dir, new, first)
     card = read_json_file(model_dir / "card.json", "the new model's card")
     summary = {
         "kind": "learn", "note": settings.get("note", ""), "base_version": base, "dataset": manifest.name,
         "strategy": strategy, "new_classes": new.names, "iterations": config.iterations, "device": run.device,
-        "metrics": card.get("metrics", {}), "job": {**job.to_json(), "token": state["token"]},
+        "metrics": card.get("metrics", {}), "check": check, "job": {**job.to_json(), "token": state["token"]},
     }
     registry = run.publish(job.registry, model_dir, summary, settings.get("activate", True), state["token"])
     result = run.result(version=run.published, active=registry.active_version() == run.published,
                         base_version=base, model=registry.versions_dir / run.published,
-                        classes=classes_of(card).names, new_classes=new.names,
+                        classes=classes_of(card).names, new_classes=new.names, check=check,
                         metrics=card.get("metrics", {}), registry=registry.root, outputs=[])
     run.work.finish(result)
     return result
+
+
+def _check_new_version(run: JobRun, base_dir: Path, model_dir: Path, new, first: Attempt) -> dict:
+    """Score the new version before it is published (cimis.version_check): Dice of the new organs on the
+    volumes marked for validation, old and new versions' agreement on every old organ."""
+    from cimis.infer import segment_image
+    from cimis.version_check import score_new_version
+
+    manifest = run.job.manifest
+    run.stage("scoring", volumes=len(manifest.cases_in("train") + manifest.cases_in("val")))
+    attempt_box = {"attempt": replace(first, batch_size=2)}
+
+    def segment(net, card, image):
+        def one(attempt: Attempt):
+            attempt_box["attempt"] = attempt
+            return segment_image(net.to(attempt.device), card, image, device=attempt.device,
+                                 sw_batch_size=attempt.batch_size).label
+
+        import SimpleITK as sitk
+
+        label = run_with_oom_retries(one, attempt_box["attempt"], None, run.oom_retry, _free_cuda_memory)
+        return sitk.GetArrayFromImage(label)
+
+    check = score_new_version(base_dir, model_dir, manifest, new, run.device, segment, run.cancellation.check)
+    run.events.emit("check", **check)
+    return check
 
 
 def run_segment(run: JobRun) -> dict:

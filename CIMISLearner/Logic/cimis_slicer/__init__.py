@@ -7,10 +7,11 @@ runs, and is tested, on the ``slicer-core`` wheel without a GUI. One concept per
 * :mod:`~cimis_slicer.volumes`       volume nodes <-> numpy arrays with their IJK-to-RAS geometry
 * :mod:`~cimis_slicer.segments`      segmentations: new structures, painted checks, label map export and import
 * :mod:`~cimis_slicer.volume_files`  volumes and label maps <-> files, through Slicer's storage nodes
-* :mod:`~cimis_slicer.worker_process` the ``cimis worker`` subprocess, polled without blocking
+* :mod:`~cimis_slicer.worker_process` the ``cimis worker`` subprocess, polled without blocking, its process tree ended on close
 * :mod:`~cimis_slicer.workflow`      Segment, Learn, Cancel, versions: what the widget's buttons do
 * :mod:`~cimis_slicer.panel`         the widget's state: which buttons are enabled and what the status line says
-* :mod:`~cimis_slicer.dependencies`  which Python packages to install on first use (the widget asks first)
+* :mod:`~cimis_slicer.dependencies`  what to install on first use: torch via the PyTorch extension, then pip
+* :mod:`~cimis_slicer.version_scores` a learned version's pre-activation check, per organ, with flags
 * :mod:`~cimis_slicer.slice_views`   offscreen slice views (screenshots, overlay checks)
 * :mod:`~cimis_slicer.screenshots`   ``python -m cimis_slicer.screenshots``: the user guide's pictures
 

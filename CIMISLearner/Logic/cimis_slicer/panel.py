@@ -22,6 +22,10 @@ class PanelInputs:
     last_message: str = ""  # the last finished job's outcome, or the last refusal
     last_failed: bool = False
     version_selected: bool = False  # a version in the list other than the active one
+    any_version_selected: bool = False  # any version in the list (export)
+    registry_empty: bool = False  # a chosen folder without a model yet: Import or Train a first model
+    awaiting_activation: bool = False  # a learned version waits for the clinician's look at its scores
+    can_resume: bool = False  # the last Learn was cancelled and can continue from its checkpoint
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,13 @@ class PanelView:
     settings_enabled: bool
     status: str
     status_is_error: bool
+    registry_change_enabled: bool = True  # never while a job runs: the job belongs to its registry
+    import_enabled: bool = False
+    train_first_enabled: bool = False
+    activate_learned_enabled: bool = False
+    resume_enabled: bool = False
+    export_enabled: bool = False
+    delete_enabled: bool = False
 
 
 def panel_view(inputs: PanelInputs) -> PanelView:
@@ -44,6 +55,9 @@ def panel_view(inputs: PanelInputs) -> PanelView:
         status, error = f"{inputs.job_kind}: {inputs.job_status}".strip(": "), False
     elif inputs.last_message:
         status, error = inputs.last_message, inputs.last_failed
+    elif inputs.registry_empty:
+        status, error = ("This registry has no model yet: Import a model file, or paint organs on a CT and press "
+                         "Train a first model."), False
     elif not inputs.registry_ok:
         status, error = inputs.registry_message or "Choose a model registry (a folder of model versions).", False
     elif not inputs.volume_selected:
@@ -61,6 +75,13 @@ def panel_view(inputs: PanelInputs) -> PanelView:
         settings_enabled=idle,
         status=status,
         status_is_error=error,
+        registry_change_enabled=idle,
+        import_enabled=idle and (inputs.registry_ok or inputs.registry_empty),
+        train_first_enabled=idle and inputs.registry_empty and inputs.volume_selected and inputs.segmentation_selected,
+        activate_learned_enabled=idle and inputs.awaiting_activation,
+        resume_enabled=idle and inputs.can_resume,
+        export_enabled=idle and inputs.registry_ok and inputs.any_version_selected,
+        delete_enabled=idle and inputs.registry_ok and inputs.version_selected,
     )
 
 

@@ -2,7 +2,8 @@
 module's in-Slicer self-test (``Slicer --no-main-window --python-code "slicer.selfTests['CIMISLearner']()"``).
 
 Phantom CT (10 mm) -> tiny base model (liver, spleen, aorta) by a real train job -> Segment -> "stomach"
-painted as a new structure -> Learn (a tiny job) -> the new version active and the CT segmented again.
+painted as a new structure -> Learn (a tiny job) -> the new version's pre-activation scores -> Activate ->
+the CT segmented again with it.
 Worker subprocesses use one torch thread: the machines that run it are small and shared.
 """
 
@@ -98,12 +99,15 @@ class RoundResult:
     learn_job: Path
     statuses: list[JobStatus] = field(default_factory=list)  # learn, then the re-segmentation
     second: object = None  # the segmentation by the new version
+    scores: object = None  # the new version's pre-activation check (cimis_slicer.version_scores)
 
 
-def run_round(context: SlicerContext, workdir: Path, registry: Path, env: dict | None = None, idle=None) -> RoundResult:
+def run_round(context: SlicerContext, workdir: Path, registry: Path, env: dict | None = None, idle=None,
+              keep_job_folders: bool = False) -> RoundResult:
     ct_path, labels, classes = write_phantom_ct(workdir / "phantom")
     volume = read_volume(context.scene, ct_path, "CT")
-    workflow = Workflow(context, registry, workdir / "jobs", env=WORKER_ENV if env is None else env)
+    workflow = Workflow(context, registry, workdir / "jobs", env=WORKER_ENV if env is None else env,
+                        keep_job_folders=keep_job_folders)
     try:
         workflow.segment([volume], tiny_settings())
         [status] = wait(workflow, idle=idle)
@@ -115,9 +119,14 @@ def run_round(context: SlicerContext, workdir: Path, registry: Path, env: dict |
         paint_segment(context, painted, segments_of(painted)[0].id, mask, volume)
         learn_job = workflow.learn([LearnCase(volume, painted)], tiny_settings())
         statuses = wait(workflow, idle=idle)
-        if [s.state for s in statuses] != ["done", "done"]:
+        if [s.state for s in statuses] != ["done"]:
             raise CimisError(f"Learn failed: {'; '.join(s.message for s in statuses)}")
+        scores = workflow.outcome.scores  # the pre-activation check the panel shows
+        workflow.activate_learned(tiny_settings())  # the clinician presses Activate; the CT is segmented again
+        statuses += wait(workflow, idle=idle)
+        if [s.state for s in statuses] != ["done", "done"]:
+            raise CimisError(f"Segmenting with the new version failed: {statuses[-1].message}")
         [second] = workflow.outcome.segmentations
-        return RoundResult(volume, first, painted, mask, learn_job, statuses, second)
+        return RoundResult(volume, first, painted, mask, learn_job, statuses, second, scores)
     finally:
         workflow.shutdown()

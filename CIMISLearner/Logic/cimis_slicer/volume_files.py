@@ -23,7 +23,7 @@ def write_volume(scene, volume_node, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetFileName(str(path))
-    storage.SetUseCompression(True)
+    storage.SetUseCompression(False)  # gzip of a 512^3 CT takes seconds on the GUI thread; these files are temporary
     scene.AddNode(storage)
     try:
         if not storage.WriteData(volume_node) or not path.is_file():

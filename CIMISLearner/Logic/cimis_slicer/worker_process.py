@@ -12,9 +12,11 @@ import json
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +25,9 @@ from cimis.errors import CimisError
 LOGIC_DIR = Path(__file__).resolve().parent.parent  # holds cimis and cimis_slicer
 STDERR_FILE = "worker-stderr.log"
 RUNNING, DONE, ERROR, CANCELLED = "running", "done", "error", "cancelled"
+OWNER_PID_ENV = "CIMIS_OWNER_PID"  # the worker cancels itself when this process (Slicer) is gone
+CANCEL_KILL_AFTER_S = 10.0  # a cancelled worker still running after this is ended with its process tree
+SHUTDOWN_WAIT_S = 5.0  # Slicer closing: how long the worker gets to honour the cancel file
 
 
 def worker_python() -> str:
@@ -35,8 +40,42 @@ def worker_python() -> str:
     return shutil.which("PythonSlicer") or sys.executable
 
 
-def worker_command(job_file: Path, python: str | None = None) -> list[str]:
-    return [python or worker_python(), "-m", "cimis.cli", "worker", str(job_file)]
+def worker_command(job_file: Path, python: str | None = None, resume: bool = False) -> list[str]:
+    return [python or worker_python(), "-m", "cimis.cli", "worker", str(job_file)] + (["--resume"] if resume else [])
+
+
+def detached_process_options() -> dict:
+    """``subprocess.Popen`` options that make the worker's process tree ours to end, with no console window.
+
+    PythonSlicer is a launcher whose child is the real Python, so killing the launcher alone would leave the
+    worker running. On POSIX the worker gets its own session (process group): :func:`end_process_tree` ends
+    the group. On Windows the console window is hidden (as ``slicer.util.launchConsoleProcess`` does; closing
+    that window would kill the job) and ``taskkill /T`` ends the tree.
+    """
+    if os.name == "nt":
+        info = subprocess.STARTUPINFO()
+        info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
+        info.wShowWindow = 0  # SW_HIDE
+        return {"startupinfo": info,
+                "creationflags": subprocess.CREATE_NO_WINDOW | subprocess.CREATE_NEW_PROCESS_GROUP}
+    return {"start_new_session": True}
+
+
+def end_process_tree(process: subprocess.Popen) -> None:
+    """End ``process`` and every process it started (the real Python behind a launcher)."""
+    if os.name == "nt":
+        subprocess.run(["taskkill", "/PID", str(process.pid), "/T", "/F"], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, **detached_process_options())
+    else:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # the group leader's pid is the group id
+        except (ProcessLookupError, PermissionError):
+            pass
+    if process.poll() is None:
+        try:
+            process.kill()
+        except OSError:
+            pass
 
 
 @dataclass
@@ -93,10 +132,11 @@ class WorkerProcess:
         log_dir: where the worker's stderr (human-readable logs, tracebacks of bugs) is written.
         python: the interpreter to run (default :func:`worker_python`).
         env: extra environment variables (tests pin thread counts with them).
+        resume: continue the job from its output folder (``cimis worker --resume``).
     """
 
     def __init__(self, job_file: Path, cancel_file: Path, log_dir: Path, python: str | None = None,
-                 env: dict | None = None):
+                 env: dict | None = None, resume: bool = False):
         self.job_file = Path(job_file)
         self.cancel_file = Path(cancel_file)
         self.stderr_path = Path(log_dir) / STDERR_FILE
@@ -107,13 +147,15 @@ class WorkerProcess:
         environment["PYTHONPATH"] = os.pathsep.join(
             [str(LOGIC_DIR)] + [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p])
         environment["PYTHONUNBUFFERED"] = "1"
+        environment[OWNER_PID_ENV] = str(os.getpid())
         environment.update(env or {})
+        self.cancel_requested_at: float | None = None
         self.stderr_path.parent.mkdir(parents=True, exist_ok=True)
-        self._stderr = open(self.stderr_path, "wb")
+        self._stderr = open(self.stderr_path, "ab" if resume else "wb")
         try:
-            self.process = subprocess.Popen(worker_command(self.job_file, python), stdout=subprocess.PIPE,
+            self.process = subprocess.Popen(worker_command(self.job_file, python, resume), stdout=subprocess.PIPE,
                                             stderr=self._stderr, stdin=subprocess.DEVNULL, env=environment,
-                                            cwd=str(self.job_file.parent))
+                                            cwd=str(self.job_file.parent), **detached_process_options())
         except OSError as exc:
             self._stderr.close()
             raise CimisError(f"could not start the worker ({exc.strerror or exc})",
@@ -132,7 +174,11 @@ class WorkerProcess:
         self._queue.put(None)  # end of stream
 
     def poll(self) -> list[dict]:
-        """The events that arrived since the last call (never waits); updates :attr:`status`."""
+        """The events that arrived since the last call (never waits); updates :attr:`status`. A worker that
+        ignores a cancel for :data:`CANCEL_KILL_AFTER_S` is ended with its process tree."""
+        if (self.cancel_requested_at is not None and not self.status.finished
+                and time.monotonic() - self.cancel_requested_at > CANCEL_KILL_AFTER_S):
+            end_process_tree(self.process)
         new = []
         while True:
             try:
@@ -177,8 +223,9 @@ class WorkerProcess:
         try:
             code = self.process.wait(timeout=10)  # stdout is closed, so the process is ending
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            end_process_tree(self.process)
             code = self.process.wait()
+        self._end_leftovers()
         self._stderr.close()
         if self.status.state == RUNNING:
             self.status.state = ERROR
@@ -193,13 +240,39 @@ class WorkerProcess:
         return lines[-1].strip() if lines else ""
 
     def cancel(self) -> None:
-        """Ask the worker to stop (the cancel file works on every platform); it ends within seconds."""
+        """Ask the worker to stop through its cancel file (every platform); it ends within seconds, and
+        :meth:`poll` ends its process tree if it has not after :data:`CANCEL_KILL_AFTER_S`."""
         if self.status.finished:
             return
         self.cancel_file.parent.mkdir(parents=True, exist_ok=True)
         self.cancel_file.touch()
+        if self.cancel_requested_at is None:
+            self.cancel_requested_at = time.monotonic()
+
+    def shutdown(self, wait_s: float = SHUTDOWN_WAIT_S) -> None:
+        """Slicer is closing: the cancel file first (the worker stops cleanly and never publishes), then,
+        after ``wait_s`` at most, the whole process tree. Returns when the worker is gone."""
+        if self.process.poll() is None:
+            self.cancel()
+            try:
+                self.process.wait(timeout=wait_s)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
 
     def kill(self) -> None:
-        """End the worker now (Slicer is closing). The registry survives this by design."""
-        if self.process.poll() is None:
-            self.process.kill()
+        """End the worker and every process it started, now. The registry survives this by design."""
+        end_process_tree(self.process)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        self._end_leftovers()
+
+    def _end_leftovers(self) -> None:
+        """The launcher has exited; a child it left behind (same process group) is ended too."""
+        if os.name != "nt":
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass

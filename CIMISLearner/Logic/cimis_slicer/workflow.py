@@ -6,15 +6,25 @@ A :class:`Workflow` owns at most one running job. Starting one checks the input 
 timer; when a job ends it imports the result into *new* segmentation nodes (nothing in the scene is ever
 replaced), and after a learn job it re-segments the volumes with the new, now active, version.
 
-Job folders: ``JOBS/<id>/job.json``, ``inputs/`` (volumes and new-structure label maps), ``output/`` (the
-worker's own folder) and ``worker-stderr.log``.
+Job folders: ``JOBS/<id>/job.json``, ``inputs/`` (volumes and new-structure label maps, uncompressed so that
+writing them is quick), ``output/`` (the worker's own folder) and ``worker-stderr.log``. They hold a copy of
+the patient's images, so they do not stay: once a job's result is imported only ``events.jsonl``,
+``result.json`` and the log are kept (a few kB); a cancelled or failed job's folder is removed when the next
+job starts (Resume needs it until then). ``keep_job_folders`` keeps everything, for debugging.
+
+A learn job leaves its new version inactive (unless ``JobSettings.auto_activate``): the panel shows the
+version's pre-activation scores (:mod:`cimis_slicer.version_scores`) and :meth:`Workflow.activate_learned`
+makes it live and segments the volumes again with it.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
+import shutil
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +34,16 @@ from cimis.data.classes import ClassInfo, ClassSet
 from cimis.errors import CimisError
 from cimis.registry import Registry, VersionInfo, classes_of
 from cimis_slicer.context import SlicerContext
-from cimis_slicer.segments import (export_label_array, import_label_array, painted_voxels, segments_to_learn,
-                                   check_same_grid)
+from cimis_slicer.dependencies import require_engine
+from cimis_slicer.segments import (export_label_array, import_label_array, painted_voxels, segments_of,
+                                   segments_to_learn, check_same_grid)
 from cimis_slicer.volume_files import read_label_array, write_label_array, write_volume
 from cimis_slicer.volumes import check_not_transformed, geometry_of
-from cimis_slicer.worker_process import DONE, JobStatus, WorkerProcess
+from cimis_slicer.version_scores import VersionScores
+from cimis_slicer.worker_process import CANCELLED, DONE, ERROR, JobStatus, WorkerProcess
 
 JOB_FORMAT = "cimis-job/1"
+OWNER_FILE = "owner.pid"  # the Slicer process that started the job
 DEVICES = ("auto", "cpu", "cuda")
 STRATEGIES = ("pgcd-dapd", "ft", "lwf", "ilt", "mib", "plop")
 
@@ -45,6 +58,7 @@ class JobSettings:
     batch_size: int | None = None
     threads: int | None = None  # torch threads; fewer keep Slicer responsive while the job runs
     note: str = ""
+    auto_activate: bool = False  # learn: make the new version live without the pre-activation look (batch use)
 
     def check(self) -> None:
         if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
@@ -63,6 +77,7 @@ class LearnCase:
 
     volume_node: object
     segmentation_node: object
+    validation: bool = False  # kept out of training; the new organs' Dice is measured on it before activation
 
 
 @dataclass
@@ -71,6 +86,7 @@ class _Task:
     folder: Path
     process: WorkerProcess
     on_done: Callable[[dict], None]
+    resume: Callable[[], None] | None = None  # restarts this job with --resume (learn)
 
 
 @dataclass
@@ -81,6 +97,9 @@ class Outcome:
     version: str | None = None
     new_classes: list[str] = field(default_factory=list)
     segmentations: list = field(default_factory=list)  # segmentation nodes it added to the scene
+    scores: VersionScores | None = None  # a learn job's pre-activation check of its new version
+    awaiting_activation: bool = False  # a learned version is published but not active yet
+    volumes: list = field(default_factory=list)  # the volumes a learn job learned from (to segment again)
 
 
 class Workflow:
@@ -93,20 +112,56 @@ class Workflow:
         python, env: how to run the worker (defaults: Slicer's Python, this environment).
     """
 
-    def __init__(self, context: SlicerContext, registry: str | Path, jobs_dir: str | Path,
-                 python: str | None = None, env: dict | None = None):
+    def __init__(self, context: SlicerContext, registry: str | Path | None, jobs_dir: str | Path,
+                 python: str | None = None, env: dict | None = None, keep_job_folders: bool = False):
         self.context = context
-        self.registry_path = Path(registry).absolute()
+        self.task: _Task | None = None
+        self._registry_path = Path(registry).absolute() if registry else None
         self.jobs_dir = Path(jobs_dir).absolute()
         self.python = python
         self.env = env
-        self.task: _Task | None = None
+        self.keep_job_folders = keep_job_folders
         self.outcome = Outcome()
+        self.resumable: _Task | None = None  # the last cancelled learn job, which Resume continues
+        self.log: list[str] = []  # the worker's warnings and stage changes, for the log panel
+        self._finishing: Path | None = None
 
     # ----------------------------------------------------------------------------------------- registry
     @property
+    def registry_path(self) -> Path | None:
+        return self._registry_path
+
+    @registry_path.setter
+    def registry_path(self, path: str | Path | None) -> None:
+        """Switch registries; refused while a job runs (it belongs to the registry it started on, and would
+        be left without a result, a Cancel or a clean-up)."""
+        new = Path(path).absolute() if path else None
+        if new == self._registry_path:
+            return
+        if self.busy:
+            raise CimisError("a job is running on the current model registry",
+                             "wait for it to finish or cancel it before choosing another registry")
+        self._registry_path = new
+        self.outcome = Outcome()
+        self.resumable = None
+
+    @property
     def registry(self) -> Registry:
-        return Registry.open(self.registry_path)
+        if self._registry_path is None:
+            raise CimisError("no model registry is chosen", "choose a folder of model versions, or an empty folder")
+        return Registry.open(self._registry_path)
+
+    def registry_is_empty(self) -> bool:
+        """A chosen folder with no model version yet (new or empty): the panel offers Import and Train."""
+        path = self._registry_path
+        if path is None:
+            return False
+        if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+            return True
+        try:
+            return not Registry.open(path).version_names()
+        except CimisError:
+            return False
 
     def model_classes(self, version: str | None = None) -> ClassSet:
         registry = self.registry
@@ -122,7 +177,43 @@ class Workflow:
         the job reads the active version when it starts."""
         if self.busy:
             raise CimisError("a job is running", "wait for it to finish or cancel it before changing the version")
-        return self.registry.activate(version)
+        name = self.registry.activate(version)
+        if name == self.outcome.version:
+            self.outcome.awaiting_activation = False
+        return name
+
+    def activate_learned(self, settings: JobSettings | None = None) -> str:
+        """After a look at the scores: make the version the last learn job published the active one and
+        segment its volumes again with it (old and new organs, the new ones marked)."""
+        learned = self.outcome
+        if not learned.awaiting_activation or not learned.version:
+            raise CimisError("no learned version is waiting for activation", "press Learn first")
+        name = self.activate(learned.version)
+        volumes = [v for v in learned.volumes if v is not None and v.GetScene() is self.context.scene]
+        if volumes:
+            self.segment(volumes, settings, new_classes=learned.new_classes)
+        self.outcome = learned
+        learned.message = f"{name} is active" + ("; segmenting again with it" if volumes else "")
+        return name
+
+    def delete_version(self, version: str) -> str:
+        """Remove a version that is not the active one (the registry refuses the active one)."""
+        self._refuse_if_busy()
+        return self.registry.delete(version)
+
+    def export_version(self, version: str, archive: str | Path) -> Path:
+        """Write one version as a .tar.gz archive that Import model reads back."""
+        return self.registry.export(version, archive)
+
+    def import_model(self, source: str | Path) -> str:
+        """Add a model archive or folder to the registry (an empty folder becomes a registry); the first
+        version becomes the active one. Needs the engine (the import loads the weights to check them)."""
+        self._refuse_if_busy()
+        if self._registry_path is None:
+            raise CimisError("no model registry is chosen", "choose a folder for the model versions first")
+        require_engine("Import model")
+        registry = Registry.open(self._registry_path, create=True)
+        return registry.import_model(source, activate=registry.active_version() is None)
 
     # ------------------------------------------------------------------------------------------- jobs
     @property
@@ -133,6 +224,7 @@ class Workflow:
         """Start segmenting the volumes with the active model; each result becomes a new segmentation node."""
         settings = settings or JobSettings()
         self._refuse_if_busy()
+        require_engine("Segment")
         volume_nodes = [v for v in volume_nodes if v is not None]
         if not volume_nodes:
             raise CimisError("no volume is selected", "choose the CT volume to segment")
@@ -158,7 +250,10 @@ class Workflow:
             for item in result.get("outputs", []):
                 volume = by_id[item["id"]]
                 labels = read_label_array(self.context.scene, Path(item["label"]), geometry_of(volume))
-                name = f"{volume.GetName()} segmentation {version}"
+                # The node's name marks the version's new organs, visibly, in every node list of Slicer; the
+                # segments keep the class names, which later Learn steps match on.
+                marked = f" (new: {', '.join(new_classes)})" if new_classes else ""
+                name = f"{volume.GetName()} segmentation {version}{marked}"
                 created.append(import_label_array(self.context, labels, volume, classes, name, new_classes, version))
             self.outcome.segmentations.extend(created)
             self.outcome.version = version
@@ -171,9 +266,12 @@ class Workflow:
 
     def learn(self, cases: list[LearnCase], settings: JobSettings | None = None, resegment: bool = True) -> Path:
         """Start learning the painted new structures; only segments whose names the model does not know are
-        sent as labels. When the new version is active, the volumes are segmented again with it."""
+        sent as labels. The new version is scored before it may go live (``Outcome.scores``); it is left
+        inactive for :meth:`activate_learned` unless ``settings.auto_activate``, in which case the volumes
+        are segmented again with it at once (``resegment``)."""
         settings = settings or JobSettings()
         self._refuse_if_busy()
+        require_engine("Learn")
         settings.check()
         cases = [c for c in cases if c.volume_node is not None]
         if not cases:
@@ -183,7 +281,93 @@ class Workflow:
                              "press Add new structures, paint them in the Segment Editor, then Learn")
         known = self.model_classes()
         exported, new_classes = self._export_new_structures(cases, known)
+        if all(c.validation for c in cases):
+            raise CimisError("every painted volume is marked for validation",
+                             "leave at least one volume for learning")
         folder, job_id = self._new_job_folder("learn")
+        job_cases = self._write_cases(folder, exported, cases)
+        job = self._job_header("learn", job_id, folder, settings)
+        budget = {k: getattr(settings, k) for k in ("iterations", "batch_size") if getattr(settings, k) is not None}
+        if budget:
+            job["budget"] = budget
+        job["data"] = {"classes": [c.to_json() for c in new_classes], "cases": job_cases}
+        job["learn"] = {"strategy": settings.strategy, "activate": settings.auto_activate,
+                        "note": settings.note or f"learned {', '.join(new_classes.names)} in 3D Slicer"}
+        volumes = list(dict.fromkeys(c.volume_node for c in cases))
+
+        def on_done(result: dict) -> None:
+            version = result.get("version")
+            self.outcome = Outcome(version=version, new_classes=list(result.get("new_classes", [])),
+                                   volumes=volumes, awaiting_activation=not result.get("active", False))
+            if result.get("check"):
+                self.outcome.scores = VersionScores.from_check(result["check"])
+            learned = ", ".join(self.outcome.new_classes)
+            if self.outcome.awaiting_activation:
+                self.outcome.message = (f"{version} learned {learned}: check its scores, then press Activate "
+                                        f"({self.outcome.scores.summary() if self.outcome.scores else 'no scores'})")
+                return
+            self.outcome.message = f"{version} is active: learned {learned}"
+            if resegment:
+                kept = self.outcome
+                self.segment(volumes, settings, new_classes=kept.new_classes)
+                self.outcome = kept
+                self.outcome.message += "; segmenting again with it"
+
+        self._start("learn", folder, job, on_done)
+        return folder
+
+    def resume(self) -> Path:
+        """Continue the last cancelled Learn from its last checkpoint (the worker's ``--resume``)."""
+        self._refuse_if_busy()
+        task = self.resumable
+        if task is None or not task.folder.is_dir():
+            raise CimisError("there is no cancelled Learn to resume", "press Learn to start one")
+        require_engine("Resume")
+        self.resumable = None
+        process = WorkerProcess(task.folder / "job.json", task.process.cancel_file, task.folder, self.python,
+                                self._worker_env(), resume=True)
+        self.outcome = Outcome()
+        self.task = _Task(task.kind, task.folder, process, task.on_done)
+        return task.folder
+
+    def train_first_model(self, cases: list[LearnCase], settings: JobSettings | None = None,
+                          network: str | dict = "small", preprocess: dict | None = None) -> Path:
+        """An empty registry's first model, from painted volumes: every painted segment becomes a class
+        (the worker's train job). The registry folder is created by the job."""
+        settings = settings or JobSettings()
+        self._refuse_if_busy()
+        if self._registry_path is None:
+            raise CimisError("no model registry is chosen", "choose an empty folder for the new registry")
+        if not self.registry_is_empty():
+            raise CimisError(f"{self._registry_path} already holds model versions",
+                             "Learn adds organs to an existing model; choose an empty folder to train a new one")
+        require_engine("Train a first model")
+        settings.check()
+        cases = [c for c in cases if c.volume_node is not None]
+        if not cases:
+            raise CimisError("no volume is selected", "choose the CT volume on which the organs are painted")
+        if any(c.segmentation_node is None for c in cases):
+            raise CimisError("no painted segmentation is selected", "paint the organs in the Segment Editor first")
+        exported, classes = self._export_new_structures(cases, ClassSet([]), every_segment=True)
+        folder, job_id = self._new_job_folder("train")
+        job_cases = self._write_cases(folder, exported, cases)
+        job = self._job_header("train", job_id, folder, settings)
+        budget = {k: getattr(settings, k) for k in ("iterations", "batch_size") if getattr(settings, k) is not None}
+        if budget:
+            job["budget"] = budget
+        job["data"] = {"classes": [c.to_json() for c in classes], "cases": job_cases}
+        job["train"] = {"network": network, "activate": True, **({"preprocess": preprocess} if preprocess else {}),
+                        "note": settings.note or f"first model ({', '.join(classes.names)}) trained in 3D Slicer"}
+
+        def on_done(result: dict) -> None:
+            self.outcome = Outcome(version=result.get("version"), new_classes=list(result.get("classes", [])))
+            self.outcome.message = f"{result.get('version')} is active: a first model of {', '.join(classes.names)}"
+
+        self._start("train", folder, job, on_done)
+        return folder
+
+    def _write_cases(self, folder: Path, exported: list, cases: list[LearnCase]) -> list[dict]:
+        """Write each case's volume and painted label map into ``folder/inputs``; the job's case entries."""
         job_cases = []
         for n, (case, labels, values) in enumerate(exported):
             case_id = f"{n + 1:02d}-{_safe(case.volume_node.GetName())}"
@@ -191,31 +375,14 @@ class Workflow:
             label_array = values[labels]  # segment order -> class label values
             label = write_label_array(self.context.scene, label_array, geometry_of(case.volume_node),
                                       folder / "inputs" / f"{case_id}-new.nrrd")
-            job_cases.append({"id": case_id, "image": str(image), "label": str(label)})
-        job = self._job_header("learn", job_id, folder, settings)
-        budget = {k: getattr(settings, k) for k in ("iterations", "batch_size") if getattr(settings, k) is not None}
-        if budget:
-            job["budget"] = budget
-        job["data"] = {"classes": [c.to_json() for c in new_classes], "cases": job_cases}
-        job["learn"] = {"strategy": settings.strategy,
-                        "note": settings.note or f"learned {', '.join(new_classes.names)} in 3D Slicer"}
-        volumes = [c.volume_node for c in cases]
+            job_cases.append({"id": case_id, "image": str(image), "label": str(label),
+                              "split": "val" if case.validation else "train"})
+        return job_cases
 
-        def on_done(result: dict) -> None:
-            self.outcome = Outcome(version=result.get("version"), new_classes=list(result.get("new_classes", [])))
-            self.outcome.message = (f"{result.get('version')} is active: learned {', '.join(self.outcome.new_classes)}")
-            if resegment:
-                learned = self.outcome
-                self.segment(list(dict.fromkeys(volumes)), settings, new_classes=learned.new_classes)
-                self.outcome = learned
-                self.outcome.message += "; segmenting again with it"
-
-        self._start("learn", folder, job, on_done)
-        return folder
-
-    def _export_new_structures(self, cases: list[LearnCase], known: ClassSet):
+    def _export_new_structures(self, cases: list[LearnCase], known: ClassSet, every_segment: bool = False):
         """Per case: the painted new structures as a label array (segment order) and the value lookup;
-        and the new classes with label values after the model's. Raises for anything that cannot be learned."""
+        and the new classes with label values after the model's. Raises for anything that cannot be learned.
+        ``every_segment``: every segment is a class to learn (a first model)."""
         import numpy as np
 
         names: dict[str, ClassInfo] = {}
@@ -224,7 +391,7 @@ class Workflow:
         for case in cases:
             volume, segmentation = case.volume_node, case.segmentation_node
             check_same_grid(segmentation, volume)
-            chosen = segments_to_learn(segmentation, known)
+            chosen = segments_of(segmentation) if every_segment else segments_to_learn(segmentation, known)
             if not chosen:
                 raise CimisError(f"the segmentation {segmentation.GetName()!r} has no new structure",
                                  "press Add new structures and paint them; segments of organs the model already "
@@ -254,28 +421,54 @@ class Workflow:
         task = self.task
         if task is None:
             return None
-        task.process.poll()
+        for event in task.process.poll():
+            line = _log_line(event)
+            if line:
+                self.log.append(line)
         status = task.process.status
         if not status.finished:
             return status
         self.task = None
+        self._finishing = task.folder  # its folder is not an unfinished job's, even before it is tidied
+        try:
+            self._finish(task, status)
+        finally:
+            self._finishing = None
+        return status
+
+    def _finish(self, task: _Task, status: JobStatus) -> None:
         if status.state == DONE:
             try:
                 task.on_done(status.result)
             except CimisError as exc:
-                status.state, status.message = "error", exc.one_line()
+                status.state, status.message = ERROR, exc.one_line()
+                self.outcome.message = status.message
+            except Exception as exc:  # a bug in a completion handler still ends in the status line
+                (task.folder / "import-error.log").write_text(traceback.format_exc(), encoding="utf-8")
+                status.state = ERROR
+                status.message = (f"importing the {task.kind} result failed ({type(exc).__name__}: {exc}); "
+                                  f"this is a bug, details in {task.folder / 'import-error.log'}")
+                self.outcome.message = status.message
+            if status.state == DONE:
+                self._tidy(task)
         else:
             self.outcome.message = status.message
-        return status
+            if status.state == CANCELLED and task.kind == "learn":
+                self.resumable = task
 
     def cancel(self) -> None:
         if self.task is not None:
             self.task.process.cancel()
 
+    @property
+    def can_resume(self) -> bool:
+        return not self.busy and self.resumable is not None
+
     def shutdown(self) -> None:
-        """Slicer is closing: end a running worker (the registry is safe against this by design)."""
+        """Slicer is closing: the worker's cancel file first, then its whole process tree (the real Python
+        behind the PythonSlicer launcher too); the job publishes nothing."""
         if self.task is not None:
-            self.task.process.kill()
+            self.task.process.shutdown()
             self.task = None
 
     # ---------------------------------------------------------------------------------------- helpers
@@ -283,7 +476,38 @@ class Workflow:
         if self.busy:
             raise CimisError("a job is already running", "wait for it to finish, or cancel it")
 
+    def _tidy(self, task: _Task) -> None:
+        """A job whose result is in the scene keeps only its event log, result and worker log (a few kB):
+        the inputs are a copy of the patient's images, the outputs are imported."""
+        (task.folder / "events.jsonl").write_text(
+            "".join(json.dumps(e) + "\n" for e in task.process.events), encoding="utf-8")
+        if self.keep_job_folders:
+            return
+        result = task.folder / "output" / "result.json"
+        if result.is_file():
+            shutil.copyfile(result, task.folder / "result.json")
+        for name in ("inputs", "output", "job.json"):
+            path = task.folder / name
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists():
+                path.unlink()
+
+    def _remove_unfinished_jobs(self) -> None:
+        """A new job starts: the folders of cancelled or failed jobs (images, checkpoints) go."""
+        if self.keep_job_folders or not self.jobs_dir.is_dir():
+            return
+        for folder in self.jobs_dir.iterdir():
+            if folder == self._finishing or not (folder / "job.json").exists() or _owned_by_another_slicer(folder):
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+        self.resumable = None
+
+    def _worker_env(self) -> dict | None:
+        return self.env
+
     def _new_job_folder(self, kind: str) -> tuple[Path, str]:
+        self._remove_unfinished_jobs()
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         job_id = f"{kind}-{stamp}-{uuid.uuid4().hex[:6]}"
         folder = self.jobs_dir / job_id
@@ -292,6 +516,7 @@ class Workflow:
         except OSError as exc:
             raise CimisError(f"cannot create the job folder {folder}: {exc.strerror or exc}",
                              "choose a writable folder for jobs") from None
+        (folder / OWNER_FILE).write_text(str(os.getpid()), encoding="utf-8")
         return folder, job_id
 
     def _job_header(self, kind: str, job_id: str, folder: Path, settings: JobSettings) -> dict:
@@ -304,10 +529,41 @@ class Workflow:
     def _start(self, kind: str, folder: Path, job: dict, on_done, fresh_outcome: bool = True) -> None:
         job_file = folder / "job.json"
         job_file.write_text(json.dumps(job, indent=1), encoding="utf-8")
-        process = WorkerProcess(job_file, Path(job["output"]) / "cancel", folder, self.python, self.env)
+        process = WorkerProcess(job_file, Path(job["output"]) / "cancel", folder, self.python, self._worker_env())
         if fresh_outcome:
             self.outcome = Outcome()
         self.task = _Task(kind, folder, process, on_done)
+
+
+def _owned_by_another_slicer(folder: Path) -> bool:
+    """Whether the job folder belongs to another running Slicer (two Slicers share the temporary folder)."""
+    from cimis.worker import process_alive
+
+    try:
+        owner = int((folder / OWNER_FILE).read_text(encoding="utf-8").strip())
+    except (OSError, ValueError):
+        return False
+    return owner != os.getpid() and process_alive(owner)
+
+
+def _log_line(event: dict) -> str:
+    """One line of the log panel for a worker event worth showing (warnings, stages, retries, the end)."""
+    kind = event.get("event")
+    if kind == "warning":
+        return f"warning: {event.get('message', '')}"
+    if kind == "oom":
+        return f"warning: {event.get('message', '')}"
+    if kind == "stage":
+        return f"{event.get('stage')}"
+    if kind == "device":
+        return f"device: {event.get('device')}" + (f" ({event['gpu']})" if event.get("gpu") else "")
+    if kind == "error":
+        return f"error: {event.get('message', '')}"
+    if kind == "cancelled":
+        return f"cancelled ({event.get('reason', '')})"
+    if kind == "done":
+        return "done" + (f": {event['version']}" if event.get("version") else "")
+    return ""
 
 
 def _safe(name: str) -> str:

@@ -20,7 +20,8 @@ from cimis_slicer.context import SlicerContext  # noqa: E402
 from cimis_slicer.volume_files import read_volume  # noqa: E402
 from cimis_slicer.workflow import Workflow  # noqa: E402
 
-from cimis_slicer.round_trip import (BASE_CLASSES, NEW_CLASS, WORKER_ENV, make_base_registry,  # noqa: E402,F401
+from cimis_slicer.round_trip import (BASE_CLASSES, NEW_CLASS, TINY_NETWORK, TINY_PREPROCESS, WORKER_ENV,  # noqa: E402,F401
+                                      make_base_registry,
                                       tiny_settings, wait, write_phantom_ct)
 
 

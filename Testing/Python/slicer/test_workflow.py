@@ -22,7 +22,7 @@ from cimis_slicer.workflow import LearnCase
 def test_full_round_segment_paint_learn_resegment(kit, context, registry_copy, tmp_path):
     from cimis_slicer.round_trip import run_round
 
-    result = run_round(context, tmp_path / "round", registry_copy)
+    result = run_round(context, tmp_path / "round", registry_copy, keep_job_folders=True)  # to read what was sent
     ct, geometry = result.volume, geometry_of(result.volume)
     assert geometry.spacing == pytest.approx((10.0, 10.0, 10.0))
 
@@ -41,6 +41,10 @@ def test_full_round_segment_paint_learn_resegment(kit, context, registry_copy, t
     assert np.array_equal(sent > 0, result.painted_mask)
     assert [s.result["kind"] for s in result.statuses] == ["learn", "segment"]
     assert Registry(registry_copy).active_version() == "v0002"
+    # Before activation the panel had the new version's scores: every old organ's agreement, the new organ.
+    rows = {name: (measure, flagged) for name, measure, _, flagged in result.scores.rows()}
+    assert set(rows) == set(kit.BASE_CLASSES) | {f"{kit.NEW_CLASS} (new)"}
+    assert rows[f"{kit.NEW_CLASS} (new)"][0] == "Dice" and rows["liver"][0] == "agreement"
 
     # The CT segmented again with v0002: old and new classes, the new one marked, on the CT's own grid.
     names = {s.name: s.id for s in segments_of(result.second)}
@@ -48,6 +52,7 @@ def test_full_round_segment_paint_learn_resegment(kit, context, registry_copy, t
     assert segment_tag(result.second, names[kit.NEW_CLASS], NEW_CLASS_TAG) == "true"
     assert segment_tag(result.second, names["liver"], NEW_CLASS_TAG) == "false"
     assert result.second.GetAttribute("CIMISLearner.Version") == "v0002"
+    assert result.second.GetName() == f"CT segmentation v0002 (new: {kit.NEW_CLASS})"  # visible in node lists
     assert reference_geometry(result.second).same_grid(geometry)
     assert export_label_array(context, result.second, list(names.values()), ct).shape == geometry.shape
     # Nothing was replaced: the first result and the painted segmentation are still there, unchanged.

@@ -1,8 +1,7 @@
-"""The panel's rules (which buttons, which message) and the first-use install plan, without Qt."""
+"""The panel's rules (which buttons, which message), without Qt. The first-use install plan: test_first_use.py."""
 
 from __future__ import annotations
 
-from cimis_slicer.dependencies import InstallPlan, missing_requirements, read_requirements
 from cimis_slicer.panel import PanelInputs, panel_view, parse_structure_names
 from cimis_slicer.worker_process import JobStatus, format_duration
 
@@ -47,15 +46,23 @@ def test_structure_names_and_durations():
     assert [format_duration(s) for s in (5, 65, 7300)] == ["5 s", "1 min 05 s", "2 h 01 min"]
 
 
-def test_install_plan_lists_only_what_is_missing(tmp_path):
-    requirements = tmp_path / "requirements.txt"
-    requirements.write_text("# comment\nnumpy>=1.0  # present\nnumpy>=999\nno-such-package-cimis>=1\n")
-    assert read_requirements(requirements) == ["numpy>=1.0", "numpy>=999", "no-such-package-cimis>=1"]
-    plan = missing_requirements(requirements)
-    assert plan.requirements == ["numpy>=999", "no-such-package-cimis>=1"]
-    assert not plan.torch_missing and "no-such-package-cimis" in plan.question()
-    assert InstallPlan().nothing_to_do
+def test_empty_registry_offers_import_and_a_first_model():
+    view = panel_view(PanelInputs(registry_empty=True, volume_selected=True))
+    assert view.import_enabled and not view.train_first_enabled and not view.segment_enabled
+    assert "Import" in view.status and "Train a first model" in view.status
+    view = panel_view(PanelInputs(registry_empty=True, volume_selected=True, segmentation_selected=True))
+    assert view.train_first_enabled and not view.learn_enabled
 
 
-def test_shipped_requirements_are_satisfied_in_the_dev_environment():
-    assert missing_requirements().nothing_to_do
+def test_a_running_job_locks_the_registry_and_the_versions():
+    view = panel_view(PanelInputs(registry_ok=True, job_running=True, job_kind="learn", version_selected=True,
+                                  any_version_selected=True, awaiting_activation=True, can_resume=True))
+    assert not (view.registry_change_enabled or view.import_enabled or view.export_enabled or view.delete_enabled
+                or view.activate_learned_enabled or view.resume_enabled)
+
+
+def test_learned_version_waits_for_activate_and_a_cancelled_learn_for_resume():
+    view = panel_view(PanelInputs(registry_ok=True, volume_selected=True, awaiting_activation=True, can_resume=True,
+                                  any_version_selected=True))
+    assert view.activate_learned_enabled and view.resume_enabled and view.export_enabled
+    assert not view.delete_enabled  # the active version is selected: the registry refuses to delete it

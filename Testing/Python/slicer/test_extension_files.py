@@ -1,0 +1,34 @@
+"""What can be checked of the extension without a Slicer build: the Extensions Index entry as the index's
+checks want it (schema keys, prettier's layout), and every widget the module file uses exists in its .ui."""
+
+from __future__ import annotations
+
+import json
+import re
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_extensions_index_entry_is_formatted_as_the_index_lints_it():
+    text = (ROOT / "CIMISLearner.json").read_text(encoding="utf-8")
+    entry = json.loads(text)
+    assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.1.json#")
+    assert {"build_dependencies", "category", "scm_revision", "scm_url", "tier"} <= set(entry)
+    assert entry["build_dependencies"] == ["PyTorch"]
+    # prettier (the index's pre-commit hook): two-space indent, short arrays inline, one final newline.
+    lines = [f'  "{key}": {json.dumps(value)}' for key, value in entry.items()]
+    assert text == "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def test_every_widget_the_module_uses_is_in_its_ui_file():
+    module = (ROOT / "CIMISLearner" / "CIMISLearner.py").read_text(encoding="utf-8")
+    used = set(re.findall(r"self\.ui\.([A-Za-z]\w*)", module))
+    tree = ElementTree.parse(ROOT / "CIMISLearner" / "Resources" / "UI" / "CIMISLearner.ui")
+    defined = {w.get("name") for w in tree.iter("widget")}
+    assert used and not used - defined, f"missing in the .ui: {sorted(used - defined)}"
+    parameters = {p.find("string").text for p in tree.iter("property") if p.get("name") == "SlicerParameterName"}
+    declared = set(re.findall(r"^    (\w+): ", module.split("class CIMISLearnerParameterNode")[1].split("class ")[0],
+                              re.MULTILINE))
+    assert parameters <= declared
