@@ -66,6 +66,13 @@ def main() -> None:
     for name, r in rows.items():
         print(f"| {name} | {r['cases']} | {r['wrong']:.4f} | {r['ignored']:.4f} | {r['old_organ_wrong']:.4f} | "
               f"{r['organ_label_wrong']:.4f} |")
+    print("\nPer old organ: share of its voxels pseudo-labelled otherwise / ignored; share of its pseudo-labels wrong")
+    print("| organ | " + " | ".join(rows) + " |")
+    print("| --- |" + " ---: |" * len(rows))
+    for organ in STEP0:
+        cells = [f"{r['per_class'][organ]['missed']:.3f} / {r['per_class'][organ]['ignored']:.3f} / "
+                 f"{r['per_class'][organ]['label_wrong'] or 0:.3f}" for r in rows.values()]
+        print(f"| {organ} | " + " | ".join(cells) + " |")
     print(f"\n{trained:.0f} s to write the data and train, {time.perf_counter() - started:.0f} s in all")
     (out / "pseudo_label_errors.json").write_text(json.dumps(rows, indent=1))
 

@@ -12,6 +12,10 @@ Figures, over all counted voxels of the cases (``voxels`` of them):
 - ``old_organ_wrong``: among voxels whose truth is an old organ, the share pseudo-labelled otherwise
   (another organ or background; ignored voxels not counted as wrong);
 - ``organ_label_wrong``: among voxels pseudo-labelled as an old organ, the share whose truth differs.
+
+``per_class`` gives, for each old organ, the share of its true voxels pseudo-labelled otherwise
+(``missed``) or ignored (``ignored``), and the share of the voxels pseudo-labelled as it whose truth
+differs (``label_wrong``): where the old model is right and where it is wrong.
 """
 
 from __future__ import annotations
@@ -62,14 +66,31 @@ def pseudo_label_errors(model_dir: str | Path, manifest: Manifest, split: str, d
         truths.append(torch.as_tensor(to_model[volume["label"][0].as_tensor().long().numpy()]))
         ids.append(case.id)
     thresholds = stats.thresholds()
-    per_case, totals = {}, np.zeros(7)
+    per_case, totals, by_class = {}, np.zeros(7), np.zeros((n_old, 5))
     for case_id, probs, truth in zip(ids, probabilities, truths):
         unlabelled = torch.zeros_like(truth)  # the step's label is 0 wherever the old model's classes lie
         targets = pseudo_label_targets(unlabelled.unsqueeze(0), probs.unsqueeze(0), thresholds, n_old)[0]
         counts = _counts(targets, truth)
         per_case[case_id] = _figures(counts)
         totals += counts
-    return {"split": split, "cases": len(ids), "model": str(model_dir), **_figures(totals), "per_case": per_case}
+        by_class += _class_counts(targets, truth, n_old)
+    per_class = {name: {"voxels": int(c[0]), "missed": _share(c[1], c[0]), "ignored": _share(c[2], c[0]),
+                        "label_wrong": _share(c[4], c[3])}
+                 for name, c in zip(card.classes.names, by_class[1:])}
+    return {"split": split, "cases": len(ids), "model": str(model_dir), **_figures(totals), "per_class": per_class,
+            "per_case": per_case}
+
+
+def _class_counts(targets: torch.Tensor, truth: torch.Tensor, n_old: int) -> np.ndarray:
+    """Per old channel: true voxels, of those mislabelled, of those ignored, voxels pseudo-labelled as it,
+    of those wrong."""
+    out = np.zeros((n_old, 5))
+    known = truth >= 0
+    for c in range(n_old):
+        is_c, called_c = known & (truth == c), known & (targets == c)
+        out[c] = [int(is_c.sum()), int((is_c & (targets != c) & (targets != IGNORE)).sum()),
+                  int((is_c & (targets == IGNORE)).sum()), int(called_c.sum()), int((called_c & (truth != c)).sum())]
+    return out
 
 
 def _counts(targets: torch.Tensor, truth: torch.Tensor) -> np.ndarray:

@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from cimis.bench.pseudo_label_errors import _counts, _figures
+from cimis.bench.pseudo_label_errors import _class_counts, _counts, _figures
 from cimis.data.phantom import OTHER_SCANNER, PHASE_HU, REFERENCE_SCANNER, Scanner, generate_phantom, write_phantom_dataset
 from cimis.errors import CimisError
 from cimis.incremental.prototypes import IGNORE
@@ -146,3 +146,7 @@ def test_pseudo_label_error_counts_by_hand():
     # organ 3 (1, 1, 2), of which 2 wrong.
     assert figures == {"voxels": 5, "wrong": pytest.approx(0.4), "ignored": pytest.approx(0.2),
                        "old_organ_wrong": pytest.approx(1 / 3), "organ_label_wrong": pytest.approx(2 / 3)}
+    per_class = _class_counts(targets, truth, 3)
+    # Organ 1: two true voxels, none mislabelled, one ignored; called 1 twice, once wrongly (truth 2).
+    # Organ 2: one true voxel, mislabelled; called 2 once, wrongly (truth 0).
+    assert per_class[1].tolist() == [2, 0, 1, 2, 1] and per_class[2].tolist() == [1, 1, 0, 1, 1]

@@ -91,6 +91,7 @@ def test_pseudo_label_errors_on_both_scanners(tuned):
         assert figures["voxels"] == sum(c["voxels"] for c in figures["per_case"].values()) > 0
         for key in ("wrong", "ignored", "old_organ_wrong"):
             assert 0.0 <= figures[key] <= 1.0
+        assert set(figures["per_class"]) == {"spleen", "liver", "left kidney"}
 
 
 def test_a_benchmark_runs_with_the_tuned_settings_and_two_seeds(tuned, tmp_path, capsys):

@@ -20,7 +20,7 @@ from cimis.incremental.distillation import plain_kd, unbiased_kd
 from cimis.incremental.method_settings import load_method_settings, parse_option_overrides, resolve_options
 from cimis.incremental.pgcd import PGCDLoss
 from cimis.incremental.pod import local_pod_embedding, local_pod_embedding_loop, local_pod_loss
-from cimis.incremental.prototypes import IGNORE, PrototypeBank, carry_over_prototypes, masked_average
+from cimis.incremental.prototypes import carry_over_prototypes, masked_average
 from cimis.incremental.strategies import STRATEGIES
 from cimis.model.network import NetworkConfig, SegmentationNet
 from cimis.train import TrainConfig
