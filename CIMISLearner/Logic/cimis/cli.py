@@ -138,21 +138,24 @@ def cmd_learn(args) -> None:
     from cimis.data.manifest import Manifest
     from cimis.incremental.base import StepOptions
     from cimis.incremental.learn import learn_step, default_step_config
+    from cimis.incremental.method_settings import load_method_settings, parse_option_overrides
     from cimis.model.modelfile import load_card
 
+    settings = load_method_settings(args.method_settings)
     manifest = Manifest.load(args.manifest)
-    config = default_step_config(load_card(args.model))
+    config = default_step_config(load_card(args.model), args.strategy, settings)
     overrides = {k: v for k, v in {
         "iterations": args.iterations, "batch_size": args.batch_size, "learning_rate": args.lr, "seed": args.seed,
     }.items() if v is not None}
     config = replace(config, device=args.device, **overrides)
     config = replace(config, val_every=args.val_every or max(config.iterations // 4, 1),
                      checkpoint_every=args.checkpoint_every or max(config.iterations // 4, 1))
-    options = StepOptions.from_json({switch: False for switch in args.off or []})
-    options = replace(options, head_init=args.head_init,
-                      **({} if args.lambda_f is None else {"lambda_f": args.lambda_f}))
+    chosen = {switch: False for switch in args.off or []}
+    chosen.update(parse_option_overrides(args.option))
+    chosen.update({k: v for k, v in {"head_init": args.head_init, "lambda_f": args.lambda_f}.items() if v is not None})
+    options = StepOptions.from_json(chosen)  # what is left unset comes from the method settings
     model = learn_step(args.model, manifest, args.out, args.new_classes, args.strategy, config, options,
-                       resume=args.resume, overwrite=args.overwrite)
+                       resume=args.resume, overwrite=args.overwrite, method_settings=settings)
     print(f"model written to {model}")
 
 
@@ -281,16 +284,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True, help="dataset whose labels carry only the new classes")
     p.add_argument("--out", required=True, help="run folder: the new model goes to OUT/model")
     p.add_argument("--new-classes", type=_names, help="names of the classes to learn (default: the dataset's classes the model lacks)")
-    p.add_argument("--strategy", default="pgcd-dapd", choices=["pgcd-dapd", "ft", "lwf", "ilt", "mib", "plop", "joint"])
+    p.add_argument("--strategy", default="pgcd-dapd",
+                   choices=["pgcd-dapd", "ft", "pseudo-labels", "lwf", "ilt", "mib", "plop", "joint"])
     p.add_argument("--off", type=_names, help="ablation: comma-separated switches to turn off (pseudo_labels, spatial_weight, "
                    "channel_weight, output_term, dapd_global, dapd_local, dynamic_background)")
     p.add_argument("--head-init", choices=["balanced", "random"],
-                   help="how the new output channels start (default: the strategy's; docs/method.md)")
+                   help="how the new output channels start (default: the method settings'; docs/method.md)")
     p.add_argument("--lambda-f", type=_non_negative_number,
                    help="pgcd-dapd: weight of PGCD's feature term (default 0, off; docs/method.md)")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="any step option, repeatable: kd_weight=1.25, lambda_o=0.5, pod_features=0.01, "
+                   "head_init=random, ... (default: the method settings)")
+    p.add_argument("--method-settings", metavar="FILE",
+                   help="per-method settings (default: cimis/incremental/method_settings.json; cimis bench --tune "
+                   "writes one)")
     p.add_argument("--iterations", type=_count(1), help="default: step 0's")
     p.add_argument("--batch-size", type=_count(1))
-    p.add_argument("--lr", type=_positive_number, help="default: step 0's (docs/method.md)")
+    p.add_argument("--lr", type=_positive_number, help="default: step 0's times the method's learning-rate factor (docs/method.md)")
     p.add_argument("--seed", type=_count(0))
     p.add_argument("--device", default="auto")
     p.add_argument("--val-every", type=_count(0), default=0)

@@ -177,6 +177,14 @@ class Trainer:
     def after_step(self) -> None:
         """Called after every optimiser step."""
 
+    def checkpoint_state(self) -> dict:
+        """JSON-able training state beyond the weights and the optimiser that a resumed run must continue
+        from (an incremental step's moving background prototype); stored in the checkpoint's state."""
+        return {}
+
+    def restore_checkpoint_state(self, state: dict) -> None:
+        """Take back :meth:`checkpoint_state` from a checkpoint's state when resuming."""
+
     # ------------------------------------------------------------------------------------------- data
     def load_case(self, manifest_classes: ClassSet) -> LoadCased:
         return LoadCased(manifest_classes, self.classes, self.label_classes)
@@ -244,6 +252,7 @@ class Trainer:
         if resume:
             state = load_checkpoint(checkpoint_dir, self.net, optimizer)
             start, history = int(state["iteration"]), list(state["history"])
+            self.restore_checkpoint_state(state)
             set_determinism(seed=cfg.seed + start)  # a resumed run is reproducible, not bit-identical
 
         loader = self._train_loader(train_cases, manifest_classes)
@@ -292,7 +301,7 @@ class Trainer:
                 self.on_event("metric", entry)
             if it % cfg.checkpoint_every == 0 and it < cfg.iterations:
                 save_checkpoint(checkpoint_dir, self.net, optimizer,
-                                {"iteration": it, "history": history, "config": asdict(cfg)})
+                                {**self.checkpoint_state(), "iteration": it, "history": history, "config": asdict(cfg)})
                 self.on_event("checkpoint", {"iteration": it, "path": str(checkpoint_dir)})
         bar.close()
         self.seconds_per_iteration = (time.perf_counter() - started) / max(done_here, 1)

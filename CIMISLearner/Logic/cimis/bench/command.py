@@ -15,10 +15,24 @@ from cimis.errors import CimisError
 
 
 def _seed_list(text: str) -> list[int]:
+    """``N`` (a count: seeds 0 .. N-1) or a comma-separated list of seeds (``0,1,2``; ``5,`` is seed 5 alone)."""
     try:
+        if "," not in text:
+            return list(range(int(text)))  # 0 seeds: BenchConfig refuses it in one error line
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number of seeds (3) or a list like 0,1,2, got {text!r}") from None
+
+
+def _factors(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 1,0.3, got {text!r}") from None
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,7 +55,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ablation", action="store_true",
                    help="pgcd-dapd with each switch of METHOD.md section 7 off in turn; writes ablation.md "
                    "(--quick: schedule 7-6; --full: BTCV 7-3, WORD 8-4)")
-    p.add_argument("--seeds", type=_seed_list, help="comma-separated, e.g. 0,1,2")
+    p.add_argument("--seeds", type=_seed_list,
+                   help="N runs every unit with seeds 0..N-1; or a list, e.g. 0,1,2 (5, for seed 5 alone)")
+    p.add_argument("--method-settings", metavar="FILE",
+                   help="per-method settings (default: cimis/incremental/method_settings.json); e.g. the "
+                   "tuned_settings.json that --tune writes")
+    p.add_argument("--tune", action="store_true",
+                   help="tune every method on the validation split (same grid and budget for all) and write "
+                   "tuned_settings.json and tune.md; the test split is not touched")
+    p.add_argument("--tune-lr-factors", type=_factors, help="tuning grid: step learning-rate factors (default 1,0.3)")
+    p.add_argument("--tune-head-inits", type=_words, help="tuning grid: head inits (default random,balanced)")
+    p.add_argument("--tune-weight-factors", type=_factors,
+                   help="tuning grid: factors of each method's main weight (default 0.1,1,10)")
     p.add_argument("--base-iterations", type=int, help="step 0's (and joint's) training iterations")
     p.add_argument("--base-lr", type=float)
     p.add_argument("--step-iterations", type=int, help="iterations of every later step (default: step 0's)")
@@ -54,6 +79,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--phantom-cases", type=int, help="phantoms to generate (train + val + test)")
     p.add_argument("--phantom-spacing", type=float, help="phantom voxel size in mm")
     p.add_argument("--phantom-test-cases", type=int)
+    p.add_argument("--phantom-step-scanner", choices=["reference", "other"],
+                   help="hard setting: the steps' volumes come from this scanner, step 0's from the reference "
+                   "one (cimis/data/phantom.py: Scanner)")
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, help="PyTorch CPU threads")
     p.add_argument("--no-predictions", action="store_true", help="do not keep the test predictions")
@@ -69,7 +97,34 @@ def bench_command(args: argparse.Namespace) -> None:
             raise CimisError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     for out, config in configs_from(args):
-        run_and_report(out, config, args.ablation, args.report_only, progress=not args.quiet)
+        if args.tune:
+            tune_and_report(out, config, tune_grid(args), progress=not args.quiet)
+        else:
+            run_and_report(out, config, args.ablation, args.report_only, progress=not args.quiet)
+
+
+def tune_grid(args: argparse.Namespace):
+    from cimis.bench.tune import TuneGrid
+
+    if args.report_only:
+        raise CimisError("--tune and --report-only do not go together", "leave one out")
+    grid = {k: v for k, v in {"learning_rate_factors": args.tune_lr_factors, "head_inits": args.tune_head_inits,
+                              "weight_factors": args.tune_weight_factors}.items() if v is not None}
+    return TuneGrid(**grid)
+
+
+def tune_and_report(out: Path, config, grid, progress: bool = True) -> dict[str, Path]:
+    """Tune every method of one benchmark on its validation split; print the chosen candidates."""
+    from cimis.bench.runner import prepare
+    from cimis.bench.tune import run_tuning
+
+    bench = prepare(config, out, progress)
+    print(f"tuning in {out}: {bench.manifest.name}, step 1 of schedule {config.schedule}, "
+          f"{len(bench.methods)} method(s), on the validation split")
+    paths = run_tuning(bench, grid, progress)
+    print(paths["md"].read_text())
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return paths
 
 
 def configs_from(args: argparse.Namespace) -> list[tuple[Path, "BenchConfig"]]:  # noqa: F821
@@ -112,6 +167,7 @@ def configs_from(args: argparse.Namespace) -> list[tuple[Path, "BenchConfig"]]: 
             "base_iterations": args.base_iterations, "base_lr": args.base_lr,
             "step_iterations": args.step_iterations, "step_lr": args.step_lr, "batch_size": args.batch_size,
             "network": args.network, "spacing": args.spacing, "patch": args.patch, "device": args.device,
+            "method_settings": args.method_settings,
         }.items() if v is not None}
         if not args.full and args.dataset:
             overrides["dataset"] = args.dataset
@@ -121,6 +177,8 @@ def configs_from(args: argparse.Namespace) -> list[tuple[Path, "BenchConfig"]]: 
         phantom = {k: v for k, v in {"variant": args.phantom_variant, "cases": args.phantom_cases,
                                        "spacing": args.phantom_spacing,
                                        "test_cases": args.phantom_test_cases}.items() if v is not None}
+        if args.phantom_step_scanner is not None:
+            phantom["step_scanner"] = None if args.phantom_step_scanner == "reference" else args.phantom_step_scanner
         if phantom:
             overrides["phantoms"] = PhantomData(**{**vars(config.phantoms), **phantom})
         result.append((folder, replace(config, **overrides)))

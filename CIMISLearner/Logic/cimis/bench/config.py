@@ -32,6 +32,15 @@ class PhantomData:
     seed: int = 0
     val_cases: int = 1
     test_cases: int = 2
+    # The hard setting: the steps' training volumes come from this scanner (cimis.data.phantom.SCANNERS),
+    # step 0's from the reference one; None: every volume from the reference scanner.
+    step_scanner: str | None = None
+
+    def __post_init__(self):
+        from cimis.data.phantom import SCANNERS
+
+        if self.step_scanner is not None and self.step_scanner not in SCANNERS:
+            raise CimisError(f"unknown phantom scanner {self.step_scanner!r}", f"use one of {', '.join(SCANNERS)}")
 
 
 @dataclass
@@ -64,6 +73,7 @@ class BenchConfig:
     step_lr: float | None = None
     device: str = "auto"
     save_predictions: bool = True
+    method_settings: str | None = None  # per-method settings file; None: the versioned one
 
     def __post_init__(self):
         if isinstance(self.phantoms, dict):
@@ -92,13 +102,23 @@ class BenchConfig:
         data = asdict(self)
         for selection in ("methods", "seeds", "save_predictions"):
             data.pop(selection)
+        # The settings themselves, not the file's name: results depend on the values.
+        data["method_settings"] = self.settings().values
         if self.dataset != "phantoms":
             data.pop("phantoms")
+        elif data["phantoms"]["step_scanner"] is None:  # as before scanners existed
+            data["phantoms"].pop("step_scanner")
         if self.dataset not in ("btcv", "word"):
             data.pop("data_root")
         if self.dataset not in BUILTIN_DATASETS:
             data["dataset"] = str(Path(self.dataset).resolve())
         return data
+
+    def settings(self):
+        """The per-method settings every unit of this benchmark uses."""
+        from cimis.incremental.method_settings import load_method_settings
+
+        return load_method_settings(self.method_settings)
 
     def to_json(self, device_type: str, dataset_fingerprint: str) -> dict:
         identity = self.identity()

@@ -13,7 +13,7 @@ from cimis.incremental.base import StepOptions
 from cimis.incremental.strategies import STRATEGIES
 
 # Table order: the upper bound, the lower bound, the baselines, our method.
-DEFAULT_METHODS = ("joint", "ft", "lwf", "ilt", "mib", "plop", "pgcd-dapd")
+DEFAULT_METHODS = ("joint", "ft", "pseudo-labels", "lwf", "ilt", "mib", "plop", "pgcd-dapd")
 # METHOD.md section 7's ablation switches (StepOptions fields), each on in pgcd-dapd.
 ABLATION_SWITCHES = ("pseudo_labels", "spatial_weight", "channel_weight", "output_term", "dapd_global", "dapd_local",
                      "dynamic_background")
@@ -63,9 +63,11 @@ def parse_methods(names: list[str]) -> list[Method]:
 
 
 def inert_switches(options: StepOptions | None = None) -> tuple[str, ...]:
-    """Switches that change nothing under ``options`` (the defaults when None): the channel weight only
-    weighs the feature term, which is off by default (lambda_f = 0, docs/method.md)."""
-    options = options or StepOptions()
+    """Switches that change nothing under ``options`` (pgcd-dapd's method settings when None): the channel
+    weight only weighs the feature term, which is off by default (lambda_f = 0, docs/method.md)."""
+    from cimis.incremental.method_settings import resolve_options
+
+    options = resolve_options("pgcd-dapd", options or StepOptions())
     return ("channel_weight",) if options.lambda_f == 0 else ()
 
 

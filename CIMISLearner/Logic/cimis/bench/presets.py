@@ -1,7 +1,8 @@
 """The ready-made benchmarks: ``--quick`` (phantoms on two CPU cores) and ``--full`` (real CT on a GPU).
 
-``--quick`` is sized so that BTCV 7-3 with all seven methods and one seed finishes within 30 minutes on two
-CPU cores (docs/benchmarks.md has the measured time). ``--full`` runs METHOD.md section 9's schedules on
+``--quick`` was sized so that BTCV 7-3 with the seven methods before ``pseudo-labels`` and one seed
+finishes within 30 minutes on two CPU cores (docs/benchmarks.md has the measured time; the eighth method
+adds its two steps). ``--full`` runs METHOD.md section 9's schedules on
 BTCV and WORD with nnU-Net's DynUNet at its usual spacing and patch, three seeds.
 """
 

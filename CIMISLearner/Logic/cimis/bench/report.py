@@ -48,6 +48,31 @@ def _mean(values) -> float | None:
     return mean_std(values)["mean"]
 
 
+def within_spread(a: dict, b: dict) -> bool:
+    """Whether two methods' figures (``mean_std`` dicts over seeds) differ by less than their spread:
+    ``|mean_a - mean_b| < sqrt(std_a^2 + std_b^2)``, the standard deviation of the difference between one
+    run of each. False when either has fewer than two seeds (no spread to compare with)."""
+    if a["std"] is None or b["std"] is None or a["mean"] is None or b["mean"] is None:
+        return False
+    return abs(a["mean"] - b["mean"]) < math.sqrt(a["std"] ** 2 + b["std"] ** 2)
+
+
+def unresolved(cells: dict[str, dict], lower_is_better: bool = False) -> set[str]:
+    """The methods whose figure differs from the column's best by less than the seeds' spread
+    (:func:`within_spread`); the best itself is not listed."""
+    scored = {m: c for m, c in cells.items() if c["mean"] is not None}
+    if not scored:
+        return set()
+    pick = min if lower_is_better else max
+    best = pick(scored, key=lambda m: scored[m]["mean"])
+    return {m for m, c in scored.items() if m != best and within_spread(c, scored[best])}
+
+
+SPREAD_MARK = " ≈"
+SPREAD_LEGEND = ("≈: differs from the best method of its column by less than the seeds' spread "
+                 "(|difference of means| < √(std₁² + std₂²)); these seeds do not separate the two.")
+
+
 def group_means(dice: dict[str, float | None], schedule: Schedule, step: int) -> dict[str, float | None]:
     """Mean Dice over the step-0 classes, the classes added at steps ``1..step`` and all of them."""
     later = [c for s in schedule.steps[1: step + 1] for c in s]
@@ -195,9 +220,23 @@ class BenchReport:
             "summary": _keys_to_str(self.summary()),
             "forgetting_last_step": _keys_to_str(self.forgetting_table()),
             "cost": self.cost(),
+            "within_spread_of_best": self.within_spread_of_best(),
             "memory_measure": self.memory_measures(),
             "std": "sample standard deviation over seeds (ddof=1); null with one seed",
         }
+
+    def within_spread_of_best(self) -> dict:
+        """``{step: {group or class: [methods]}}``: the methods whose figure is within the seeds' spread of
+        the best method's (:func:`unresolved`)."""
+        summary, per_class = self.summary(), self.per_class()
+        out = {}
+        for t in self.steps:
+            row = {g: sorted(unresolved({m: summary[m][t][g] for m in self.methods}, g == "forgetting"))
+                   for g in GROUPS}
+            row.update({c: sorted(unresolved({m: per_class[m][t][c] for m in self.methods}))
+                        for c in self.schedule.known_after(t)})
+            out[str(t)] = row
+        return out
 
     def to_markdown(self) -> str:
         cfg = self.stored.get("identity", {})
@@ -220,19 +259,29 @@ class BenchReport:
         counts = {"step0": len(self.schedule.step0), "later": len(self.schedule.later),
                   "all": len(self.schedule.known_after(t_last))}
         columns = [f"{GROUP_TITLES[g]} ({counts[g]})" if g in counts else GROUP_TITLES[g] for g in GROUPS]
-        rows = {m: dict(zip(columns, (_cell(summary[m][t_last][g]) for g in GROUPS))) for m in self.methods}
+        marks = {g: unresolved({m: summary[m][t_last][g] for m in self.methods}, g == "forgetting") for g in GROUPS}
+        rows = {m: dict(zip(columns, (_cell(summary[m][t_last][g], m in marks[g]) for g in GROUPS)))
+                for m in self.methods}
         lines += [f"## After the last step (step {t_last})", "", format_class_table(rows, columns, "method"), ""]
+        if len(self.seeds) > 1:
+            lines += [SPREAD_LEGEND, ""]
         for group in GROUPS:
             steps = [t for t in self.steps if not (t == 0 and group in ("later", "forgetting"))]
             cols = [f"step {t}" for t in steps]
-            rows = {m: {f"step {t}": _cell(summary[m][t][group]) for t in steps} for m in self.methods}
+            step_marks = {t: unresolved({m: summary[m][t][group] for m in self.methods}, group == "forgetting")
+                          for t in steps}
+            rows = {m: {f"step {t}": _cell(summary[m][t][group], m in step_marks[t]) for t in steps}
+                    for m in self.methods}
             title = {"step0": "Mean Dice over the step-0 classes", "later": "Mean Dice over the later classes",
                      "all": "Mean Dice over all classes", "forgetting": "Forgetting"}[group]
             lines += [f"## {title} after each step", "",
                       format_class_table(rows, cols, "method"), ""]
         per_class = self.per_class()
         for t in self.steps[1:]:
-            rows = {c: {m: _cell(per_class[m][t][c]) for m in self.methods} for c in self.schedule.known_after(t)}
+            rows = {}
+            for c in self.schedule.known_after(t):
+                close = unresolved({m: per_class[m][t][c] for m in self.methods})
+                rows[c] = {m: _cell(per_class[m][t][c], m in close) for m in self.methods}
             lines += [f"## Per-class Dice after step {t}", "", format_class_table(rows, self.methods, "class"), ""]
         rows = {c: {BASE: _cell(per_class[self.methods[0]][0][c])} for c in self.schedule.step0}
         lines += ["## Per-class Dice of the base model (step 0)", "", format_class_table(rows, [BASE], "class"), ""]
@@ -305,12 +354,12 @@ class BenchReport:
         return path
 
 
-def _cell(stat: dict) -> str | float | None:
+def _cell(stat: dict, unresolved_difference: bool = False) -> str | float | None:
     if stat["mean"] is None:
         return None
     if stat["std"] is None:
         return stat["mean"]
-    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f}" + (SPREAD_MARK if unresolved_difference else "")
 
 
 def _number(value: float | None, digits: int) -> str | None:

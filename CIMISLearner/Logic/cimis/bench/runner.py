@@ -56,6 +56,7 @@ class PreparedBench:
     methods: list[Method]
     device: torch.device
     stored: dict  # bench.json
+    settings: object = None  # MethodSettings
 
     def units(self) -> list[Unit]:
         """Every unit in running order: per seed, the base model, then step by step every method."""
@@ -84,7 +85,8 @@ def prepare(config: BenchConfig, out: Path, progress: bool = True) -> PreparedBe
     stored = config.to_json(device.type, _fingerprint(manifest))
     stored["schedule_steps"] = [list(s) for s in schedule.steps]
     claim_output_folder(out, stored)
-    return PreparedBench(config, out, manifest, schedule, parse_methods(config.methods), device, stored)
+    return PreparedBench(config, out, manifest, schedule, parse_methods(config.methods), device, stored,
+                         config.settings())
 
 
 def run_bench(bench: PreparedBench, progress: bool = True) -> dict[str, int]:
@@ -106,7 +108,9 @@ def run_bench(bench: PreparedBench, progress: bool = True) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------- one unit
-def _run_unit(bench: PreparedBench, unit: Unit, progress: bool) -> None:
+def train_unit(bench: PreparedBench, unit: Unit, progress: bool) -> Path:
+    """Train the unit's model unless it exists (recording its cost); returns the model folder. No
+    evaluation: tuning uses this for the base model without touching the test split."""
     run_dir = unit.run_dir(bench.out)
     model_dir = run_dir / "model"
     if not (model_dir / "card.json").is_file():
@@ -116,6 +120,12 @@ def _run_unit(bench: PreparedBench, unit: Unit, progress: bool) -> None:
             seconds = time.perf_counter() - started
         write_json_atomic(run_dir / TRAINING_RECORD, {
             "peak_memory_mb": peak.mb, "memory_measure": peak.measure, "wall_seconds": seconds})
+    return model_dir
+
+
+def _run_unit(bench: PreparedBench, unit: Unit, progress: bool) -> None:
+    run_dir = unit.run_dir(bench.out)
+    model_dir = train_unit(bench, unit, progress)
     training = _training_record(run_dir, model_dir)
 
     started = time.perf_counter()
@@ -169,9 +179,10 @@ def _train(bench: PreparedBench, unit: Unit, run_dir: Path, progress: bool) -> N
         config = base_config
     else:
         data = _step_dataset(bench, unit.step, new, "new-only")
-        config = _step_config(cfg, load_card(base_model), unit.seed, bench.device)
+        config = _step_config(cfg, load_card(base_model), unit.seed, bench.device,
+                              bench.settings.learning_rate_factor(method.strategy))
     learn_step(previous, data, run_dir, new, method.strategy, config, method.options(), resume=resume,
-               progress=progress)
+               progress=progress, method_settings=bench.settings)
 
 
 def _base_config(cfg: BenchConfig, seed: int, device: torch.device) -> TrainConfig:
@@ -180,11 +191,14 @@ def _base_config(cfg: BenchConfig, seed: int, device: torch.device) -> TrainConf
                        checkpoint_every=max(cfg.base_iterations // 4, 1))
 
 
-def _step_config(cfg: BenchConfig, base_card, seed: int, device: torch.device) -> TrainConfig:
-    """``cimis learn``'s default step budget (step 0's, at its reduced learning rate), with the overrides."""
+def _step_config(cfg: BenchConfig, base_card, seed: int, device: torch.device,
+                 learning_rate_factor: float = 1.0) -> TrainConfig:
+    """``cimis learn``'s default step budget (step 0's, at its reduced learning rate), with the overrides;
+    the learning rate times the method's factor (method settings)."""
     config = default_step_config(base_card)
     iterations = cfg.step_iterations or config.iterations
-    return replace(config, iterations=iterations, learning_rate=cfg.step_lr or config.learning_rate, seed=seed,
+    learning_rate = (cfg.step_lr or config.learning_rate) * learning_rate_factor
+    return replace(config, iterations=iterations, learning_rate=learning_rate, seed=seed,
                    device=str(device), val_every=iterations, checkpoint_every=max(iterations // 4, 1))
 
 
@@ -208,12 +222,15 @@ def _load_dataset(cfg: BenchConfig, out: Path, progress: bool) -> Manifest:
     if cfg.dataset == "phantoms":
         from cimis.data.phantom import write_phantom_dataset
 
+        from cimis.data.phantom import SCANNERS
+
         folder = out / "data" / "phantoms"
         if not (folder / "manifest.json").is_file():  # written last: present means complete
             check_output_folder(out)  # before writing anything into it
             p = cfg.phantoms
             write_phantom_dataset(folder, p.cases, p.variant, (p.spacing,) * 3, p.seed, p.val_cases, p.test_cases,
-                                  progress=progress)
+                                  progress=progress,
+                                  step_scanner=SCANNERS[p.step_scanner] if p.step_scanner else None)
         return Manifest.load(folder / "manifest.json")
     if cfg.dataset in ("btcv", "word"):
         from cimis.data.adapters import build_manifest
@@ -228,19 +245,30 @@ def _fingerprint(manifest: Manifest) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def step_training_splits(manifest: Manifest, kind: str) -> tuple[str, ...]:
+    """The splits a step trains on: ``train``, or in the hard phantom setting the steps' own scanner's
+    cases (``train_steps``); ``joint`` learns from both."""
+    from cimis.data.phantom import STEP_SPLIT
+
+    if STEP_SPLIT not in manifest.splits:
+        return ("train",)
+    return ("train", STEP_SPLIT) if kind == "joint" else (STEP_SPLIT,)
+
+
 def _step_dataset(bench: PreparedBench, step: int, kept: tuple[str, ...] | list[str], kind: str) -> Manifest:
-    """Step ``step``'s training data: the train and val cases with only the ``kept`` classes labelled,
-    leaving out the cases without a voxel of the step's new classes (nobody paints an absent organ)."""
+    """Step ``step``'s training data: the training cases (:func:`step_training_splits`) and the val cases
+    with only the ``kept`` classes labelled, leaving out the cases without a voxel of the step's new classes
+    (nobody paints an absent organ)."""
     folder = bench.out / "data" / kind / f"step{step}"
     marker = folder / STEP_MANIFEST
     if marker.is_file():  # written last: present means complete
         return Manifest.load(marker)
     kept_classes = bench.manifest.classes.subset(kept)
-    data = new_only_dataset(bench.manifest, kept_classes, folder)
+    sources = step_training_splits(bench.manifest, kind)
+    data = new_only_dataset(bench.manifest, kept_classes, folder, splits=(*sources, "val"))
     new_values = bench.manifest.classes.subset(bench.schedule.steps[step]).values
-    splits = {}
-    for split in ("train", "val"):
-        splits[split] = [c.id for c in data.cases_in(split) if _has_any(c.label, new_values)]
+    splits = {"train": [c.id for s in sources for c in data.cases_in(s) if _has_any(c.label, new_values)],
+              "val": [c.id for c in data.cases_in("val") if _has_any(c.label, new_values)]}
     if not splits["train"]:
         raise CimisError(f"no training case has a voxel of step {step}'s classes "
                          f"({', '.join(bench.schedule.steps[step])})", "check the dataset's labels")

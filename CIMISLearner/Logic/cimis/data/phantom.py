@@ -34,6 +34,17 @@ Design
 
 The two variants share the anatomy; they differ in field of view (``btcv``: liver dome to the iliac
 crest, ``word``: down to the femoral heads) and in which structures carry a label.
+
+Scanners
+--------
+A :class:`Scanner` says how a case is acquired: intensity calibration (scale and offset), noise and blur,
+voxel spacing and field of view, the contrast phase, and how much the organs' shapes vary beyond the
+usual. :data:`REFERENCE_SCANNER` is the one every phantom used before scanners existed (its output is
+unchanged, bit for bit). :data:`OTHER_SCANNER` is "another hospital's scanner": the hard setting of the
+benchmark, in which the step's volumes come from it while the base model saw only the reference scanner,
+so the old model is right in some regions and wrong in others. The scanner's own random draws (shape
+variation) come from a generator seeded separately, so a case's anatomy is the same under both scanners
+apart from the documented changes.
 """
 
 from __future__ import annotations
@@ -64,6 +75,67 @@ _Z_TOP = 125.0
 
 # Voxel spacing accepted, in mm: below 0.5 mm a volume would take gigabytes.
 _SPACING_RANGE = (0.5, 20.0)
+
+
+@dataclass(frozen=True)
+class Scanner:
+    """How a phantom is acquired (module docstring, "Scanners").
+
+    Attributes:
+        name: how manifests and reports call it.
+        intensity_scale, intensity_offset: the stored value is ``scale * HU + offset`` (a scanner whose
+            calibration differs; CT numbers of the same tissue differ between vendors and kernels).
+        noise_factor, blur_factor: times the case's own noise level and partial-volume blur.
+        spacing_factor: times the requested voxel spacing, per axis (x, y, z): thicker slices, other pixels.
+        fov_factor: times the field of view per axis; fov_shift_z moves its top (mm, negative = lower, so
+            the liver dome and spleen tip may leave the volume).
+        phase: ``portal-venous`` (the reference) or ``arterial``: arteries and renal cortex brighter,
+            portal and hepatic veins, IVC and liver darker (:data:`PHASE_HU`).
+        shape_variation: standard deviation of a log-normal size factor per organ and axis (0: none).
+    """
+
+    name: str = "reference"
+    intensity_scale: float = 1.0
+    intensity_offset: float = 0.0
+    noise_factor: float = 1.0
+    blur_factor: float = 1.0
+    spacing_factor: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    fov_factor: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    fov_shift_z: float = 0.0
+    phase: str = "portal-venous"
+    shape_variation: float = 0.0
+
+    def __post_init__(self):
+        if self.phase not in PHASE_HU:
+            raise CimisError(f"unknown contrast phase {self.phase!r}", f"use one of {', '.join(PHASE_HU)}")
+        numbers = (self.intensity_scale, self.noise_factor, self.blur_factor, *self.spacing_factor, *self.fov_factor)
+        if not all(math.isfinite(v) and v > 0 for v in numbers) or not self.shape_variation >= 0:
+            raise CimisError(f"scanner {self.name!r}: scales and factors must be positive numbers")
+
+    def to_json(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+# HU change per tissue in each contrast phase, relative to the portal-venous tables below. Arterial phase
+# (about 35 s after injection): the aorta and its branches peak, the renal cortex enhances before the
+# medulla, the portal system, hepatic veins and IVC are not yet filled and the liver is barely enhanced.
+PHASE_HU: dict[str, dict[str, float]] = {
+    "portal-venous": {},
+    "arterial": {"aorta": 150.0, "kidney_cortex": 70.0, "kidney_medulla": -40.0, "pancreas": 25.0,
+                 "spleen": 15.0, "heart": 60.0, "liver": -40.0, "portal": -85.0, "vein": -75.0, "ivc": -70.0},
+}
+
+REFERENCE_SCANNER = Scanner()
+OTHER_SCANNER = Scanner(
+    name="other", intensity_scale=0.92, intensity_offset=30.0, noise_factor=1.6, blur_factor=1.8,
+    spacing_factor=(0.85, 0.85, 1.5), fov_factor=(0.85, 0.9, 0.85), fov_shift_z=-15.0, phase="arterial",
+    shape_variation=0.12,
+)
+SCANNERS = {"reference": REFERENCE_SCANNER, "other": OTHER_SCANNER}
+# write_phantom_dataset(..., step_scanner=...): the split holding the cases of the steps' scanner.
+STEP_SPLIT = "train_steps"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -233,23 +305,28 @@ class Phantom:
 
 
 def generate_phantom(seed: int, variant: str = "btcv",
-                     spacing: Union[float, Sequence[float]] = (3.0, 3.0, 3.0)) -> Phantom:
+                     spacing: Union[float, Sequence[float]] = (3.0, 3.0, 3.0),
+                     scanner: Scanner = REFERENCE_SCANNER) -> Phantom:
     """A synthetic abdominal CT volume and its labels; the same seed gives bit-identical output.
 
     Args:
         seed: non-negative integer seeding ``numpy.random.default_rng``.
         variant: ``"btcv"`` (13 BTCV organs, liver dome to iliac crest) or ``"word"`` (16 WORD organs,
             liver dome to femoral heads).
-        spacing: voxel size in mm along x, y, z (a single number means isotropic).
+        spacing: voxel size in mm along x, y, z (a single number means isotropic); the scanner's spacing
+            factor multiplies it.
+        scanner: how the case is acquired (:class:`Scanner`).
     """
     _check_variant(variant)
-    sp = _check_spacing(spacing)
+    sp = _check_spacing(tuple(s * f for s, f in zip(_check_spacing(spacing), scanner.spacing_factor)))
     seed = _check_seed(seed)
     rng = np.random.default_rng(seed)
     anatomy = _sample_anatomy(rng)
-    canvas = _Canvas(variant, sp, anatomy.scale, anatomy.shift)
+    if scanner != REFERENCE_SCANNER:
+        _apply_scanner(anatomy, scanner, np.random.default_rng([seed, 7919]))
+    canvas = _Canvas(variant, sp, anatomy.scale, anatomy.shift, scanner.fov_factor, scanner.fov_shift_z)
     _render(canvas, anatomy)
-    image = _finish_image(canvas, anatomy, rng)
+    image = _finish_image(canvas, anatomy, rng, scanner)
     label = sitk.GetImageFromArray(canvas.label)
     label.CopyInformation(image)
     return Phantom(image=image, label=label, classes=canvas.classes)
@@ -257,13 +334,20 @@ def generate_phantom(seed: int, variant: str = "btcv",
 
 def write_phantom_dataset(out_dir: Union[str, pathlib.Path], num_cases: int, variant: str = "btcv",
                           spacing: Union[float, Sequence[float]] = (3.0, 3.0, 3.0), seed: int = 0,
-                          val_cases: int = 1, test_cases: int = 1, progress: bool = True) -> pathlib.Path:
+                          val_cases: int = 1, test_cases: int = 1, progress: bool = True,
+                          step_scanner: Optional[Scanner] = None) -> pathlib.Path:
     """Write ``num_cases`` phantoms and a ``cimis-manifest/1`` manifest; returns the manifest path.
 
     Layout: ``imagesTr/phantom_XXX.nii.gz``, ``labelsTr/phantom_XXX.nii.gz``, ``manifest.json``. The last
     ``test_cases`` cases form the test split, the ``val_cases`` before them the validation split. Case
     ``i`` uses seed ``seed * 100003 + i``. An existing non-empty folder is only reused when it holds a
     previous phantom dataset; then its old phantom files are replaced.
+
+    With ``step_scanner`` (the hard setting) the training cases are shared between two scanners: the first
+    half, split ``train``, from the reference scanner (step 0 learns from them), the second half, split
+    ``train_steps``, from ``step_scanner`` (the incremental steps learn from them). Validation and test
+    cases alternate reference, step scanner, ...; the splits ``scanner_reference`` and ``scanner_STEP``
+    name every case of each scanner, and the manifest's name ends in ``-hard``.
     """
     _check_variant(variant)
     sp = _check_spacing(spacing)
@@ -283,24 +367,35 @@ def write_phantom_dataset(out_dir: Union[str, pathlib.Path], num_cases: int, var
 
     classes = variant_classes(variant)
     ids = [f"phantom_{i:03d}" for i in range(num_cases)]
+    n_train = num_cases - val_cases - test_cases
+    if step_scanner is not None and n_train < 2:
+        raise CimisError(f"the hard setting needs at least 2 training cases (one per scanner), got {n_train}",
+                         f"use num_cases >= {val_cases + test_cases + 2}")
+    scanners = [REFERENCE_SCANNER] * num_cases
+    if step_scanner is not None:
+        half = (n_train + 1) // 2
+        held_out = range(n_train, num_cases)
+        scanners = ([REFERENCE_SCANNER] * half + [step_scanner] * (n_train - half)
+                    + [REFERENCE_SCANNER if (i - n_train) % 2 == 0 else step_scanner for i in held_out])
     cases = []
     for i in tqdm(range(num_cases), desc=f"phantoms ({variant})", unit="case", disable=not progress):
-        ph = generate_phantom(seed * 100003 + i, variant, sp)
+        ph = generate_phantom(seed * 100003 + i, variant, sp, scanners[i])
         image_rel, label_rel = f"imagesTr/{ids[i]}.nii.gz", f"labelsTr/{ids[i]}.nii.gz"
         sitk.WriteImage(ph.image, str(out / image_rel), True)
         sitk.WriteImage(ph.label, str(out / label_rel), True)
         cases.append({"id": ids[i], "image": image_rel, "label": label_rel})
-    n_train = num_cases - val_cases - test_cases
+    splits = {"train": ids[:n_train], "val": ids[n_train:n_train + val_cases], "test": ids[n_train + val_cases:]}
+    if step_scanner is not None:
+        splits["train"] = [i for i, sc in zip(ids[:n_train], scanners) if sc == REFERENCE_SCANNER]
+        splits[STEP_SPLIT] = [i for i, sc in zip(ids[:n_train], scanners) if sc == step_scanner]
+        splits["scanner_reference"] = [i for i, sc in zip(ids, scanners) if sc == REFERENCE_SCANNER]
+        splits[f"scanner_{step_scanner.name}"] = [i for i, sc in zip(ids, scanners) if sc == step_scanner]
     manifest = {
         "format": MANIFEST_FORMAT,
-        "name": f"phantom-{variant}",
+        "name": f"phantom-{variant}" + ("-hard" if step_scanner is not None else ""),
         "classes": classes.to_json(),
         "cases": cases,
-        "splits": {
-            "train": ids[:n_train],
-            "val": ids[n_train:n_train + val_cases],
-            "test": ids[n_train + val_cases:],
-        },
+        "splits": splits,
     }
     path = out / "manifest.json"
     path.write_text(json.dumps(manifest, indent=2) + "\n")
@@ -526,13 +621,14 @@ class _Box:
 class _Canvas:
     """The voxel grid of one case (physical LPS geometry) plus the HU and label arrays being painted."""
 
-    def __init__(self, variant: str, spacing: tuple[float, float, float], scale: float, shift: np.ndarray):
+    def __init__(self, variant: str, spacing: tuple[float, float, float], scale: float, shift: np.ndarray,
+                 fov_factor: Sequence[float] = (1.0, 1.0, 1.0), fov_shift_z: float = 0.0):
         self.variant = variant
         self.spacing = spacing
-        fov = (_FOV_XY[0], _FOV_XY[1], _FOV_Z[variant])
+        fov = tuple(f * k for f, k in zip((_FOV_XY[0], _FOV_XY[1], _FOV_Z[variant]), fov_factor))
         self.size = tuple(max(8, int(round(f / s))) for f, s in zip(fov, spacing))
         # x and y are centred on the body; z spans [Z_TOP - fov_z, Z_TOP] around its middle.
-        centre = (0.0, 0.0, _Z_TOP - fov[2] / 2)
+        centre = (0.0, 0.0, _Z_TOP + fov_shift_z - fov[2] / 2)
         self.origin = tuple(c - (n - 1) * s / 2 for c, n, s in zip(centre, self.size, spacing))
         # Voxel centres mapped into the anatomy frame, where all shapes are defined.
         axes = [(o + np.arange(n) * s - sh) / scale for o, n, s, sh in zip(self.origin, self.size, spacing, shift)]
@@ -1011,15 +1107,32 @@ def _paint_spine(c: _Canvas, a: _Anatomy) -> None:
     c.paint(box, np.broadcast_to(r_canal < 9, body.shape) & ~body, a.hu["csf"], None, c.body)
 
 
-def _finish_image(c: _Canvas, a: _Anatomy, rng: np.random.Generator) -> sitk.Image:
-    """Blur (partial-volume edges), add noise, round to int16 HU, attach the physical geometry."""
+def _apply_scanner(a: _Anatomy, scanner: Scanner, rng: np.random.Generator) -> None:
+    """The scanner's changes to a case's anatomy: contrast phase (HU per tissue) and shape variation (a
+    log-normal size factor per organ and axis, and per tube)."""
+    for tissue, delta in PHASE_HU[scanner.phase].items():
+        a.hu[tissue] += delta
+    if scanner.shape_variation > 0:
+        sd = scanner.shape_variation
+        for blob in a.blobs.values():
+            blob.semi = blob.semi * np.exp(np.clip(rng.normal(0.0, sd, 3), -2 * sd, 2 * sd))
+        for tube in a.tubes.values():
+            tube.radii = tube.radii * float(np.exp(np.clip(rng.normal(0.0, sd), -2 * sd, 2 * sd)))
+
+
+def _finish_image(c: _Canvas, a: _Anatomy, rng: np.random.Generator,
+                  scanner: Scanner = REFERENCE_SCANNER) -> sitk.Image:
+    """Blur (partial-volume edges), add noise, apply the scanner's calibration, round to int16, attach the
+    physical geometry."""
     image = sitk.GetImageFromArray(c.hu)
     image.SetSpacing(c.spacing)
     image.SetOrigin(c.origin)
     image.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
-    blurred = sitk.SmoothingRecursiveGaussian(image, [a.blur * s for s in c.spacing])
+    blurred = sitk.SmoothingRecursiveGaussian(image, [a.blur * scanner.blur_factor * s for s in c.spacing])
     hu = sitk.GetArrayViewFromImage(blurred)
-    noisy = hu + rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(a.noise_sd)
+    noisy = hu + rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(a.noise_sd * scanner.noise_factor)
+    if scanner.intensity_scale != 1.0 or scanner.intensity_offset != 0.0:
+        noisy = noisy * np.float32(scanner.intensity_scale) + np.float32(scanner.intensity_offset)
     out = sitk.GetImageFromArray(np.clip(np.rint(noisy), -1024, 3071).astype(np.int16))
     out.CopyInformation(image)
     return out

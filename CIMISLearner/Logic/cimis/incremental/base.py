@@ -12,10 +12,14 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from cimis.errors import CimisError
+from cimis.incremental.method_settings import resolve_options
 from cimis.incremental.pseudo_labels import EntropyThresholds, pseudo_label_targets
 from cimis.infer import iterate_tiles
 from cimis.device import autocast
 from cimis.train import Trainer
+
+
+WEIGHTS = ("lambda_f", "lambda_o", "lambda_p", "kd_weight", "feature_kd_weight", "pod_features", "pod_logits")
 
 
 @dataclass
@@ -29,27 +33,28 @@ class StepOptions:
     dapd_global: bool = True
     dapd_local: bool = True
     dynamic_background: bool = True
-    head_init: str | None = None  # "balanced" | "random"; None: the strategy's own (docs/method.md)
-    # METHOD.md: 1, "tune on a validation split". On both validation settings the feature term kept no old
-    # organ better at any weight and slowed every new one, the thin ones most (docs/method.md): off.
-    lambda_f: float = 0.0
-    lambda_o: float = 1.0
-    lambda_p: float = 0.1
+    # Per-method settings: None takes the method's value from method_settings.json (resolve_options), where
+    # each value says where it came from; the trainer resolves them before the first iteration.
+    head_init: str | None = None  # "balanced" | "random"
+    lambda_f: float | None = None  # pgcd-dapd: PGCD's feature term (0, off: docs/method.md)
+    lambda_o: float | None = None  # pgcd-dapd: PGCD's output term
+    lambda_p: float | None = None  # pgcd-dapd: DAPD
     tau_s: float = 0.1
     tau_c: float = 1.0
     momentum: float = 0.99
     entropy_floor: float = 0.001
-    kd_weight: float | None = None  # lwf/ilt: 100, mib: 10 (MiB's presets) when None
-    feature_kd_weight: float = 100.0  # ilt
-    pod_features: float = 0.01  # plop
-    pod_logits: float = 0.0005  # plop
+    kd_weight: float | None = None  # lwf, ilt, mib: weight of the KD averaged over the old classes
+    feature_kd_weight: float | None = None  # ilt
+    pod_features: float | None = None  # plop
+    pod_logits: float | None = None  # plop
 
     def __post_init__(self):
         if self.head_init not in (None, "balanced", "random"):
             raise CimisError(f"unknown head init {self.head_init!r}", "use balanced or random")
-        for name in ("lambda_f", "lambda_o", "lambda_p"):
-            if not getattr(self, name) >= 0:  # also refuses NaN
-                raise CimisError(f"{name} must be a number of at least 0, not {getattr(self, name)}")
+        for name in WEIGHTS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0):
+                raise CimisError(f"{name} must be a number of at least 0, not {value}")  # also refuses NaN
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -69,20 +74,26 @@ class IncrementalTrainer(Trainer):
     Args (beyond :class:`~cimis.train.Trainer`'s):
         old_net: M_{t-1}; run in eval mode without autograd, in the student's precision.
         n_old: ``|O_t|``, the old model's output channels (background included).
-        options: :class:`StepOptions`.
+        options: :class:`StepOptions`; unset per-method fields come from ``method_settings`` (default: the
+            versioned file, cimis/incremental/method_settings.py).
         prototypes: the old model's global prototypes ``((n_old, D), (n_old,))`` or None.
     """
 
     kind = "learn"
     name = "incremental"
-    head_init = "balanced"  # MiB's init; "random" keeps every old logit as it was
     uses_pseudo_labels = False
+    required_options: tuple[str, ...] = ()  # per-method settings the loss reads (method_settings.json)
 
-    def __init__(self, net, old_net, n_old: int, options: StepOptions, prototypes=None, **trainer_kwargs):
+    def __init__(self, net, old_net, n_old: int, options: StepOptions, prototypes=None, method_settings=None,
+                 **trainer_kwargs):
         super().__init__(net, **trainer_kwargs)
         self.old_net = old_net.to(self.device).eval().requires_grad_(False)
         self.n_old = n_old
-        self.options = options
+        self.options = resolve_options(self.name, options, method_settings)
+        missing = [k for k in self.required_options if getattr(self.options, k) is None]
+        if missing:
+            raise CimisError(f"{self.name} needs the settings {', '.join(missing)}",
+                             "give them as options or in the method settings file")
         self.old_prototypes = prototypes
         self.thresholds: torch.Tensor | None = None
 
@@ -119,7 +130,13 @@ class IncrementalTrainer(Trainer):
     def loss(self, batch, logits, features):
         old_logits, old_features = self.teacher(batch["image"])
         labels = batch["label"][:, 0].long()
-        return self.step_loss(labels, logits, features, old_logits, old_features)
+        return self.float32_step_loss(labels, logits, features, old_logits, old_features)
+
+    def float32_step_loss(self, labels, logits, features, old_logits, old_features) -> tuple[torch.Tensor, dict]:
+        """:meth:`step_loss` in float32 with autocast off: divergences, cosines and prototype sums lose too much
+        in half precision (the training loop calls the loss inside its autocast region)."""
+        with torch.autocast(self.device.type, enabled=False):
+            return self.step_loss(labels, logits.float(), features.float(), old_logits.float(), old_features.float())
 
     def step_loss(self, labels, logits, features, old_logits, old_features) -> tuple[torch.Tensor, dict]:
         """The strategy's loss. labels ``(B, X, Y, Z)`` hold 0 or new channels (``>= n_old``)."""

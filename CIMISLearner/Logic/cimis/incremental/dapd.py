@@ -11,12 +11,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cimis.incremental.prototypes import masked_average
+
+def class_sums(features: torch.Tensor, targets: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class feature sums ``(n_classes, D)`` and voxel counts ``(n_classes,)`` over batch and space, for
+    channel indices ``0 .. n_classes - 1`` in ``targets`` (others, ignored or new classes, count nowhere):
+    one one-hot matmul instead of a masked average per class."""
+    b, d = features.shape[:2]
+    flat_targets = targets.reshape(b, -1)
+    one_hot = (flat_targets.unsqueeze(1) == torch.arange(n_classes, device=targets.device).view(1, -1, 1))
+    one_hot = one_hot.to(features.dtype)  # (B, C, V)
+    sums = torch.matmul(one_hot, features.reshape(b, d, -1).transpose(1, 2)).sum(0)  # (C, D)
+    return sums, one_hot.sum((0, 2))
 
 
 class DAPDLoss(nn.Module):
-    """``L_DAPD = lambda_p * mean over present old classes c of (L_g(c) + L_l(c))`` with
-    ``L_g(c) = 1 - cos(p_c, P_c)`` and ``L_l(c) = 1 - cos(p_c, p'_c)``.
+    """``L_DAPD = lambda_p * (mean_g + mean_l)``: ``mean_g`` is the mean of ``L_g(c) = 1 - cos(p_c, P_c)`` over
+    the old classes present in the batch that have a global prototype, ``mean_l`` the mean of
+    ``L_l(c) = 1 - cos(p_c, p'_c)`` over the old classes present. When every present class has its
+    prototype this is METHOD.md's ``mean over present c of (L_g(c) + L_l(c))``; a class without one no
+    longer dilutes the global mean with a zero.
 
     Args:
         lambda_p: overall weight.
@@ -33,25 +46,22 @@ class DAPDLoss(nn.Module):
 
     def forward(self, features, old_features, targets, prototypes, valid):
         n_old = prototypes.shape[0]
-        per_class, g_sum, l_sum, n = [], 0.0, 0.0, 0
-        for c in range(n_old):
-            mask = targets == c
-            if not bool(mask.any()):
-                continue
-            local = masked_average(features.float(), mask)
-            term = features.new_zeros((), dtype=torch.float32)
-            if self.global_term and bool(valid[c]):
-                g = 1 - F.cosine_similarity(local, prototypes[c].float(), dim=0)
-                term, g_sum = term + g, g_sum + float(g.detach())
-            if self.local_term:
-                with torch.no_grad():
-                    old_local = masked_average(old_features.float(), mask)
-                l = 1 - F.cosine_similarity(local, old_local, dim=0)
-                term, l_sum = term + l, l_sum + float(l.detach())
-            per_class.append(term)
-            n += 1
-        if not per_class:
-            zero = features.sum() * 0.0  # keeps the graph connected
-            return zero, {"dapd_g": 0.0, "dapd_l": 0.0}
-        loss = self.lambda_p * torch.stack(per_class).mean()
-        return loss, {"dapd_g": g_sum / n, "dapd_l": l_sum / n}
+        sums, counts = class_sums(features.float(), targets, n_old)
+        present = counts > 0
+        local = sums / counts.clamp_min(1).unsqueeze(1)
+        loss = features.sum() * 0.0  # keeps the graph connected when no term applies
+        parts = {"dapd_g": 0.0, "dapd_l": 0.0}
+        if self.global_term:
+            with_prototype = present & valid.bool()
+            if bool(with_prototype.any()):
+                g = 1 - F.cosine_similarity(local[with_prototype], prototypes[with_prototype].float(), dim=1)
+                loss = loss + g.mean()
+                parts["dapd_g"] = float(g.detach().mean())
+        if self.local_term and bool(present.any()):
+            with torch.no_grad():
+                old_sums, _ = class_sums(old_features.float(), targets, n_old)
+                old_local = old_sums / counts.clamp_min(1).unsqueeze(1)
+            l = 1 - F.cosine_similarity(local[present], old_local[present], dim=1)
+            loss = loss + l.mean()
+            parts["dapd_l"] = float(l.detach().mean())
+        return self.lambda_p * loss, parts

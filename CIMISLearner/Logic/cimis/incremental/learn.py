@@ -18,7 +18,8 @@ from cimis.data.classes import ClassSet
 from cimis.data.manifest import Manifest, check_labels_contain
 from cimis.errors import CimisError
 from cimis.incremental.base import StepOptions
-from cimis.incremental.prototypes import global_prototypes
+from cimis.incremental.method_settings import MethodSettings, load_method_settings, resolve_options
+from cimis.incremental.prototypes import carry_over_prototypes, global_prototypes
 from cimis.incremental.strategies import DEFAULT_STRATEGY, STRATEGIES
 from cimis.model.modelfile import ModelCard, load_model, load_prototypes, save_model
 from cimis.model.network import SegmentationNet
@@ -66,6 +67,7 @@ def learn_step(
     overwrite: bool = False,
     on_event: EventSink | None = None,
     progress: bool = True,
+    method_settings: MethodSettings | None = None,
 ) -> Path:
     """Run one incremental step and write the new model to ``run_dir/model``.
 
@@ -74,7 +76,9 @@ def learn_step(
         manifest: the step's data; its labels carry only the new classes (other values are ignored).
         new_classes: names of the classes to learn (default: the manifest's classes the model lacks).
         strategy: one of :data:`~cimis.incremental.strategies.STRATEGIES`.
-        config: budget; when None, step 0's settings (docs/method.md).
+        config: budget; when None, step 0's settings (docs/method.md) at the method's learning-rate factor.
+        options: loss weights and switches; the ones left None come from ``method_settings``.
+        method_settings: per-method settings (default: the versioned ``method_settings.json``).
     """
     if strategy not in STRATEGIES:
         raise CimisError(f"unknown strategy {strategy!r}", f"choose one of {', '.join(STRATEGIES)}")
@@ -87,8 +91,9 @@ def learn_step(
     new = resolve_new_classes(old_card.classes, manifest.classes, new_classes)
     check_labels_contain(manifest.cases_in("train") + manifest.cases_in("val"), new)
     classes = old_card.classes.extended(new)
-    options = options or StepOptions()
-    config = config or default_step_config(old_card)
+    settings = method_settings or load_method_settings()
+    options = resolve_options(strategy, options or StepOptions(), settings)
+    config = config or default_step_config(old_card, strategy, settings)
     cls = STRATEGIES[strategy]
 
     if getattr(cls, "fresh_start", False):
@@ -96,13 +101,15 @@ def learn_step(
         student = SegmentationNet(old_card.network, classes.num_channels)
         label_classes = classes
     else:
+        if options.head_init is None:
+            raise CimisError(f"no head init for {strategy}", "set head_init in the method settings or pass --head-init")
         student = copy.deepcopy(old_net)
-        student.head.grow(len(new), init=options.head_init or cls.head_init)
+        student.head.grow(len(new), init=options.head_init)
         label_classes = new
     trainer = cls(
         student, old_net=old_net, n_old=old_card.classes.num_channels, options=options, prototypes=old_prototypes,
         classes=classes, preprocess=old_card.preprocessing, config=config, run_dir=run_dir,
-        on_event=on_event, progress=progress, label_classes=label_classes,
+        on_event=on_event, progress=progress, label_classes=label_classes, method_settings=settings,
     )
     history = trainer.fit(manifest.cases_in("train"), manifest.cases_in("val"), manifest.classes, resume)
 
@@ -112,6 +119,10 @@ def learn_step(
     targets_of = None if getattr(cls, "fresh_start", False) else trainer.final_targets()
     prototypes = global_prototypes(student, volumes, old_card.preprocessing.patch_size, trainer.device,
                                    targets_of, config.amp)
+    if old_prototypes is not None and not getattr(cls, "fresh_start", False):
+        # An old organ absent from this step's data keeps the prototype it had (METHOD.md section 4 computes
+        # prototypes over the step's voxels; an organ nobody scanned this time has none to offer).
+        prototypes = carry_over_prototypes(prototypes, old_prototypes)
     entry = {
         "step": len(old_card.history), "kind": "learn", "strategy": strategy, "dataset": manifest.name,
         "new_classes": new.names, "config": asdict(config), "options": options.to_json(), "validation": history,
@@ -125,8 +136,13 @@ def learn_step(
     return saved
 
 
-def default_step_config(card: ModelCard) -> TrainConfig:
-    """Step 0's settings (from the model's history), its learning rate times LEARNING_RATE_FACTOR."""
+def default_step_config(card: ModelCard, strategy: str | None = None,
+                        settings: MethodSettings | None = None) -> TrainConfig:
+    """Step 0's settings (from the model's history), its learning rate times LEARNING_RATE_FACTOR and, when
+    ``strategy`` is given, times that method's learning-rate factor (method settings)."""
     base = next((h.get("config") for h in card.history if h.get("kind") == "train"), None)
     config = TrainConfig(**base) if base else TrainConfig()
-    return replace(config, learning_rate=config.learning_rate * LEARNING_RATE_FACTOR)
+    factor = LEARNING_RATE_FACTOR
+    if strategy is not None:
+        factor *= (settings or load_method_settings()).learning_rate_factor(strategy)
+    return replace(config, learning_rate=config.learning_rate * factor)

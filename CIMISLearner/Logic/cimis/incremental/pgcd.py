@@ -58,8 +58,16 @@ class PGCDLoss(nn.Module):
         # Classes without a global prototype cannot vouch for any voxel.
         cosine = cosine.masked_fill(~valid.view(1, -1, 1), float("-inf")).view(b, n_old, *old_features.shape[2:])
         affinity = torch.softmax(cosine / self.tau_s, dim=1)
-        reliability = affinity.gather(1, old_class.unsqueeze(1)).squeeze(1)
-        reliability = torch.nan_to_num(reliability) * participating
+        reliability = torch.nan_to_num(affinity.gather(1, old_class.unsqueeze(1)).squeeze(1))
+        # A voxel whose predicted class has no prototype cannot be judged either way: it gets the mean
+        # reliability (weight 1) instead of silently dropping out of L_f and L_o.
+        judged = participating & valid[old_class]
+        unjudged = participating & ~judged
+        if bool(judged.any()):
+            judged_mean = (reliability * judged).sum() / judged.sum()
+        else:
+            judged_mean = reliability.new_ones(())
+        reliability = torch.where(unjudged, judged_mean, reliability) * participating
         mean = reliability.sum() / participating.sum().clamp_min(1)
         return reliability / mean.clamp_min(1e-12)
 

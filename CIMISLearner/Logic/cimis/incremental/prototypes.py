@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from cimis.errors import CimisError
+
 # Target value of voxels that no loss may use (unreliable pseudo-labels).
 IGNORE = -1
 
@@ -32,28 +34,46 @@ def class_prototypes(features: torch.Tensor, targets: torch.Tensor, classes) -> 
 
 class PrototypeAccumulator:
     """Running sums for global prototypes over a whole dataset: ``P_c = sum F(v) / count`` over every voxel
-    whose target is ``c``, accumulated batch by batch without keeping the features."""
+    whose target is ``c``, accumulated batch by batch without keeping the features. The sums live on the
+    device of the features they receive (no copy of every tile to the host); :meth:`result` is on the CPU."""
 
-    def __init__(self, num_channels: int, feature_dim: int):
-        self.sums = torch.zeros(num_channels, feature_dim, dtype=torch.float64)
-        self.counts = torch.zeros(num_channels, dtype=torch.float64)
+    def __init__(self, num_channels: int, feature_dim: int, device: torch.device | str = "cpu"):
+        # float64 on the device: a whole dataset's sum of float32 features would lose digits.
+        self.sums = torch.zeros(num_channels, feature_dim, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(num_channels, dtype=torch.float64, device=device)
 
     @torch.no_grad()
     def add(self, features: torch.Tensor, targets: torch.Tensor) -> None:
         """features ``(B, D, ...)``, targets ``(B, ...)`` channel indices (``IGNORE`` skipped)."""
         d = features.shape[1]
-        flat_features = features.detach().double().movedim(1, -1).reshape(-1, d).cpu()
-        flat_targets = targets.reshape(-1).cpu().long()
+        device = self.sums.device
+        flat_features = features.detach().to(device, torch.float64).movedim(1, -1).reshape(-1, d)
+        flat_targets = targets.reshape(-1).to(device).long()
         keep = (flat_targets >= 0) & (flat_targets < self.counts.numel())
         self.sums.index_add_(0, flat_targets[keep], flat_features[keep])
         self.counts += torch.bincount(flat_targets[keep], minlength=self.counts.numel()).double()
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Prototypes ``(C, D)`` (zeros where a class was never seen) and the ``(C,)`` mask of seen classes."""
-        valid = self.counts > 0
-        protos = torch.zeros_like(self.sums)
-        protos[valid] = self.sums[valid] / self.counts[valid, None]
+        sums, counts = self.sums.cpu(), self.counts.cpu()
+        valid = counts > 0
+        protos = torch.zeros_like(sums)
+        protos[valid] = sums[valid] / counts[valid, None]
         return protos.float(), valid
+
+
+def carry_over_prototypes(new: tuple[torch.Tensor, torch.Tensor],
+                          old: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The end-of-step bank ``new`` with each class it lacks (``valid`` False) but ``old`` had taking the old
+    prototype: an old organ absent from a step's data keeps its global prototype instead of losing it for
+    good. ``old`` covers the first ``len(old)`` channels of ``new``."""
+    protos, valid = new[0].clone(), new[1].clone()
+    old_protos, old_valid = old
+    n = min(old_protos.shape[0], protos.shape[0])
+    keep = ~valid[:n] & old_valid[:n].bool()
+    protos[:n][keep] = old_protos[:n][keep].to(protos.dtype)
+    valid[:n] |= keep
+    return protos, valid
 
 
 class PrototypeBank(torch.nn.Module):
@@ -87,6 +107,24 @@ class PrototypeBank(torch.nn.Module):
             self.prototypes[0] = batch_proto
             self.valid[0] = True
 
+    def background_state(self) -> dict:
+        """P_0 and whether it is set, as JSON numbers for a training checkpoint's state, so that a resumed
+        step continues the moving average rather than restarting it from the stored prototype."""
+        return {"background_prototype": [float(v) for v in self.prototypes[0].cpu()],
+                "background_valid": bool(self.valid[0])}
+
+    @torch.no_grad()
+    def load_background_state(self, state: dict) -> None:
+        """Restore :meth:`background_state`; a checkpoint without it (an older one) leaves P_0 as stored."""
+        if "background_prototype" not in state:
+            return
+        values = torch.tensor(state["background_prototype"], dtype=self.prototypes.dtype)
+        if values.shape != self.prototypes[0].shape:
+            raise CimisError("the checkpoint's background prototype does not fit this model",
+                             "run without --resume to start afresh")
+        self.prototypes[0] = values.to(self.prototypes.device)
+        self.valid[0] = bool(state["background_valid"])
+
 
 @torch.no_grad()
 def global_prototypes(
@@ -117,7 +155,7 @@ def global_prototypes(
             with autocast(device, amp):
                 logits, features = net.forward_with_features(image)
             if accumulator is None:
-                accumulator = PrototypeAccumulator(logits.shape[1], features.shape[1])
+                accumulator = PrototypeAccumulator(logits.shape[1], features.shape[1], features.device)
             targets = label if targets_of is None else targets_of(image, label)
             accumulator.add(features.float(), torch.where(valid, targets, torch.full_like(targets, IGNORE)))
     net.train(was_training)

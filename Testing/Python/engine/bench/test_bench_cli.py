@@ -28,7 +28,7 @@ SCHEDULE = "spleen,liver,aorta,left kidney/right kidney,stomach/pancreas"
 STEPS = [["spleen", "liver", "aorta", "left kidney"], ["right kidney", "stomach"], ["pancreas"]]
 METHODS = ["ft", "pgcd-dapd"]
 ARGS = ["bench", "--dataset", "phantoms", "--phantom-cases", "4", "--phantom-spacing", "8",
-        "--phantom-test-cases", "1", "--schedule", SCHEDULE, "--methods", ",".join(METHODS), "--seeds", "0",
+        "--phantom-test-cases", "1", "--schedule", SCHEDULE, "--methods", ",".join(METHODS), "--seeds", "1",
         "--network", "small", "--spacing", "8", "--patch", "32,32,16", "--base-iterations", "3",
         "--step-iterations", "4", "--device", "cpu", "--threads", "1", "--quiet"]
 UNITS = ["seed0/base/step0", "seed0/ft/step1", "seed0/pgcd-dapd/step1", "seed0/ft/step2", "seed0/pgcd-dapd/step2"]
@@ -51,7 +51,8 @@ def bench(tmp_path_factory):
     calls: list[list[tuple[str, bool]]] = []
     real_learn, real_train = runner.learn_step, runner.train_model
 
-    def learn(previous, manifest, run_dir, new, strategy, config, options, resume, progress, interrupt=False):
+    def learn(previous, manifest, run_dir, new, strategy, config, options, resume, progress, interrupt=False,
+              **kwargs):
         calls[-1].append((str(Path(run_dir).relative_to(out / "runs")), resume))
 
         def on_event(kind, payload):
@@ -59,7 +60,7 @@ def bench(tmp_path_factory):
                 raise Interrupt()  # as if Ctrl-C came right after the first checkpoint
 
         return real_learn(previous, manifest, run_dir, new, strategy, config, options, resume=resume,
-                          progress=progress, on_event=on_event)
+                          progress=progress, on_event=on_event, **kwargs)
 
     def train(manifest, run_dir, *args, resume=False, **kwargs):
         calls[-1].append((str(Path(run_dir).relative_to(out / "runs")), resume))
@@ -219,6 +220,7 @@ def _with(args: list[str], changes: dict[str, str]) -> list[str]:
     ({"--schedule": "spleen/kidney"}, [], "unknown class 'kidney'"),
     ({"--methods": "ft,magic"}, [], "unknown method 'magic'"),
     ({"--seeds": "1,1"}, [], "distinct"),
+    ({"--seeds": "0"}, [], "no seed to run"),
     ({}, ["--report-only"], "holds no benchmark"),
     ({}, ["--full", "--btcv", "/nonexistent"], "does not exist"),
 ])

@@ -115,3 +115,32 @@ def test_ablation_rows_compare_with_the_full_method():
     assert rows["pgcd-dapd"]["delta_all"] == pytest.approx(0.0)
     assert rows["pgcd-dapd-no-spatial-weight"]["delta_all"] == pytest.approx(-0.1)
     assert variant_title("pgcd-dapd-no-spatial-weight") == "without PGCD spatial weight"
+
+
+# ------------------------------------------------------------------ differences smaller than the spread
+def test_within_spread_by_hand():
+    from cimis.bench.report import unresolved, within_spread
+
+    a = {"mean": 0.80, "std": 0.03, "n": 3}
+    b = {"mean": 0.76, "std": 0.04, "n": 3}  # |0.04| < sqrt(0.0009 + 0.0016) = 0.05: not separated
+    c = {"mean": 0.70, "std": 0.03, "n": 3}  # |0.10| > sqrt(0.0018) = 0.042: separated
+    one_seed = {"mean": 0.79, "std": None, "n": 1}
+    assert within_spread(a, b) and not within_spread(a, c) and not within_spread(a, one_seed)
+    assert unresolved({"a": a, "b": b, "c": c, "s": one_seed}) == {"b"}
+    # Forgetting: lower is better, so c is the best and a, b are compared with it.
+    assert unresolved({"a": a, "b": b, "c": c}, lower_is_better=True) == set()
+
+
+def test_the_report_marks_differences_smaller_than_the_seeds_spread():
+    results = {Unit("base", 0, s): _result({"a": 0.9, "b": 0.9}) for s in (0, 1)}
+    for seed, (ft, x) in enumerate([(0.50, 0.52), (0.60, 0.61)]):
+        results[Unit("ft", 1, seed)] = _result({"a": ft, "b": ft, "c": ft})
+        results[Unit("x", 1, seed)] = _result({"a": x, "b": x, "c": 0.9})
+    report = BenchReport(parse_schedule("2-1", ClassSet.from_names(["a", "b", "c"])), ["ft", "x"], [0, 1], results,
+                         {"identity": {"schedule": "2-1"}})
+    marks = report.within_spread_of_best()["1"]
+    assert marks["step0"] == ["ft"]  # 0.55 ± 0.07 against x's 0.565 ± 0.064: not separated
+    assert marks["c"] == []  # x's 0.9 ± 0 against ft's 0.55 ± 0.07: separated
+    text = report.to_markdown()
+    assert "0.550 ± 0.071 ≈" in text and "≈: differs from the best method" in text
+    assert report.to_json()["within_spread_of_best"]["1"]["step0"] == ["ft"]

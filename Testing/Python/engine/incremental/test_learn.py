@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -96,7 +98,8 @@ def test_new_channels_start_as_the_strategy_or_the_option_says(base, tmp_path, s
     # init-balanced copies the background channel into each new one; the default init does not.
     copies_background = torch.allclose(weight[n_old:], weight[0].expand(len(NEW), -1), atol=1e-4)
     assert copies_background == balanced
-    assert card.history[-1]["options"]["head_init"] == head_init
+    # The card records the head init used: the option's, or the method settings' when none was given.
+    assert card.history[-1]["options"]["head_init"] == ("balanced" if balanced else "random")
 
 
 def test_unknown_head_init_is_refused():
@@ -130,12 +133,28 @@ def test_learn_command_passes_its_options_to_the_step(base, tmp_path, capsys):
     manifest, model = base
     code = main(["learn", "--model", str(model), "--manifest", str(manifest.save(tmp_path / "m.json")),
                  "--out", str(tmp_path / "run"), "--new-classes", ",".join(NEW), "--off", "spatial_weight",
-                 "--head-init", "balanced", "--lambda-f", "0.2", "--iterations", "2", "--device", "cpu"])
+                 "--head-init", "balanced", "--lambda-f", "0.2", "--option", "lambda_o=0.5", "--iterations", "2",
+                 "--device", "cpu"])
     assert code == 0, capsys.readouterr().err
     step = load_model(tmp_path / "run" / "model")[1].history[-1]
     assert step["strategy"] == "pgcd-dapd" and step["config"]["iterations"] == 2
     options = step["options"]
     assert (options["spatial_weight"], options["head_init"], options["lambda_f"]) == (False, "balanced", 0.2)
+    assert (options["lambda_o"], options["lambda_p"]) == (0.5, 0.1)  # given, and from the method settings
+
+    # A settings file sets a method's weights and learning rate; the card shows what was used.
+    settings = {"format": "cimis-method-settings/1", "methods": {"mib": {
+        "head_init": {"value": "random", "source": "test"}, "kd_weight": {"value": 1.25, "source": "test"},
+        "learning_rate_factor": {"value": 0.5, "source": "test"}}}}
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    code = main(["learn", "--model", str(model), "--manifest", str(tmp_path / "m.json"), "--strategy", "mib",
+                 "--out", str(tmp_path / "run_mib"), "--new-classes", ",".join(NEW), "--method-settings",
+                 str(tmp_path / "settings.json"), "--iterations", "1", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    step = load_model(tmp_path / "run_mib" / "model")[1].history[-1]
+    assert (step["options"]["kd_weight"], step["options"]["head_init"]) == (1.25, "random")
+    step0_lr = load_model(model)[1].history[0]["config"]["learning_rate"]
+    assert step["config"]["learning_rate"] == pytest.approx(0.5 * step0_lr)
 
     code = main(["learn", "--model", str(model), "--manifest", str(tmp_path / "m.json"),
                  "--out", str(tmp_path / "run2"), "--lambda-f", "-1", "--device", "cpu"])

@@ -133,8 +133,9 @@ def test_growth_property_of_section_2(teacher_student, batch):
 def test_unbiased_kd_and_plain_kd_by_hand():
     teacher_logits = torch.log(torch.tensor([0.5, 0.5])).view(1, 2, 1, 1, 1)
     student_logits = torch.log(torch.tensor([0.25, 0.25, 0.5])).view(1, 3, 1, 1, 1)  # bg, old organ, new
-    # Unbiased: q = [0.25 + 0.5, 0.25]; KL = 0.5 log(0.5/0.75) + 0.5 log(0.5/0.25)
-    expected = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(2.0)
+    # Unbiased: q = [0.25 + 0.5, 0.25]; KL = 0.5 log(0.5/0.75) + 0.5 log(0.5/0.25), divided by |O_t| = 2
+    # (MiB's mean over the old classes).
+    expected = (0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(2.0)) / 2
     assert unbiased_kd(student_logits, teacher_logits).item() == pytest.approx(expected, rel=1e-5)
     # Plain: the student restricted to old channels is [0.5, 0.5] = the teacher: KL 0.
     assert plain_kd(student_logits, teacher_logits).item() == pytest.approx(0.0, abs=1e-6)

@@ -7,6 +7,7 @@ from cimis.incremental.strategies.lwf import LwF
 from cimis.incremental.strategies.mib import MiB
 from cimis.incremental.strategies.pgcd_dapd import PGCDDAPD
 from cimis.incremental.strategies.plop import PLOP
+from cimis.incremental.strategies.pseudo_labels import PseudoLabels
 
-STRATEGIES = {cls.name: cls for cls in (PGCDDAPD, FineTuning, LwF, ILT, MiB, PLOP, Joint)}
+STRATEGIES = {cls.name: cls for cls in (PGCDDAPD, FineTuning, PseudoLabels, LwF, ILT, MiB, PLOP, Joint)}
 DEFAULT_STRATEGY = PGCDDAPD.name

@@ -5,7 +5,6 @@ from cimis.incremental.base import IncrementalTrainer
 
 class FineTuning(IncrementalTrainer):
     name = "ft"
-    head_init = "random"
 
     def step_loss(self, labels, logits, features, old_logits, old_features):
         return self.segmentation(logits, labels)

@@ -7,6 +7,7 @@ from cimis.incremental.strategies.lwf import LwF
 
 class ILT(LwF):
     name = "ilt"
+    required_options = ("kd_weight", "feature_kd_weight")
 
     def step_loss(self, labels, logits, features, old_logits, old_features):
         loss, parts = super().step_loss(labels, logits, features, old_logits, old_features)

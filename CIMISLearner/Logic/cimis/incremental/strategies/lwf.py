@@ -3,16 +3,15 @@
 from cimis.incremental.distillation import plain_kd
 from cimis.incremental.strategies.ft import FineTuning
 
-KD_WEIGHT = 100.0  # MiB's preset for LwF
-
 
 class LwF(FineTuning):
-    name = "lwf"
+    """KD weight: ``options.kd_weight`` (method_settings.json: MiB's preset, 100, of the KD averaged over the
+    old classes)."""
 
-    def kd_weight(self) -> float:
-        return self.options.kd_weight if self.options.kd_weight is not None else KD_WEIGHT
+    name = "lwf"
+    required_options = ("kd_weight",)
 
     def step_loss(self, labels, logits, features, old_logits, old_features):
         loss, parts = super().step_loss(labels, logits, features, old_logits, old_features)
         kd = plain_kd(logits, old_logits)
-        return loss + self.kd_weight() * kd, {**parts, "kd": float(kd.detach())}
+        return loss + self.options.kd_weight * kd, {**parts, "kd": float(kd.detach())}

@@ -10,12 +10,12 @@ from monai.losses import DiceLoss
 from cimis.incremental.base import IncrementalTrainer
 from cimis.incremental.distillation import unbiased_cross_entropy, unbiased_kd
 
-KD_WEIGHT = 10.0  # MiB's preset
-
 
 class MiB(IncrementalTrainer):
+    """KD weight ``options.kd_weight`` (method_settings.json: MiB's preset, 10)."""
+
     name = "mib"
-    head_init = "balanced"
+    required_options = ("kd_weight",)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -28,5 +28,4 @@ class MiB(IncrementalTrainer):
         merged_labels = torch.where(labels >= n_old, labels - n_old + 1, torch.zeros_like(labels))
         seg = unbiased_cross_entropy(logits, labels, n_old) + self.merged_dice(merged, merged_labels[:, None])
         kd = unbiased_kd(logits, old_logits)
-        weight = self.options.kd_weight if self.options.kd_weight is not None else KD_WEIGHT
-        return seg + weight * kd, {"seg": float(seg.detach()), "kd": float(kd.detach())}
+        return seg + self.options.kd_weight * kd, {"seg": float(seg.detach()), "kd": float(kd.detach())}

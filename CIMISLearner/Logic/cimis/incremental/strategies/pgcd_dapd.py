@@ -7,7 +7,8 @@ channel starts at a seventh of the background probability on every voxel, the ba
 of them down at once, and in a step's budget they never come back (docs/method.md has the numbers).
 ``--head-init balanced`` restores the specification's choice. PGCD's feature term is off by default
 (``lambda_f = 0``, chosen on validation phantoms: it slowed the new organs and kept no old one better;
-``--lambda-f`` turns it on).
+``--lambda-f`` turns it on). These defaults live in method_settings.json with their sources. The
+background prototype goes into the step's checkpoints, so a resumed step continues its moving average.
 """
 
 import torch
@@ -21,7 +22,7 @@ from cimis.incremental.prototypes import PrototypeBank
 
 class PGCDDAPD(IncrementalTrainer):
     name = "pgcd-dapd"
-    head_init = "random"
+    required_options = ("lambda_f", "lambda_o", "lambda_p")
     uses_pseudo_labels = True
 
     def __init__(self, *args, **kwargs):
@@ -44,6 +45,12 @@ class PGCDDAPD(IncrementalTrainer):
         dapd, dapd_parts = self.dapd(features, old_features, targets, protos, valid)
         self._background_update = (old_features.detach(), targets.detach())
         return loss + pgcd + dapd, {**parts, **pgcd_parts, **dapd_parts}
+
+    def checkpoint_state(self) -> dict:
+        return self.bank.background_state()
+
+    def restore_checkpoint_state(self, state: dict) -> None:
+        self.bank.load_background_state(state)
 
     @torch.no_grad()
     def after_step(self) -> None:

@@ -9,7 +9,7 @@ from cimis.incremental.pod import local_pod_loss
 
 class PLOP(IncrementalTrainer):
     name = "plop"
-    head_init = "balanced"
+    required_options = ("pod_features", "pod_logits")
     uses_pseudo_labels = True
 
     def step_loss(self, labels, logits, features, old_logits, old_features):
