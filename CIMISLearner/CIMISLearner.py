@@ -56,7 +56,7 @@ class CIMISLearnerParameterNode:
     segmentation: slicer.vtkMRMLSegmentationNode
     newStructureNames: str = ""
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
-    strategy: Annotated[str, Choice(["pgcd-dapd", "ft", "lwf", "ilt", "mib", "plop"])] = "pgcd-dapd"
+    strategy: Annotated[str, Choice(["pgcd-dapd", "ft", "pseudo-labels", "lwf", "ilt", "mib", "plop"])] = "pgcd-dapd"
     iterations: int = 0  # 0: the model's own default
     threads: int = 0  # 0: every core
 

@@ -45,7 +45,7 @@ from cimis_slicer.worker_process import CANCELLED, DONE, ERROR, JobStatus, Worke
 JOB_FORMAT = "cimis-job/1"
 OWNER_FILE = "owner.pid"  # the Slicer process that started the job
 DEVICES = ("auto", "cpu", "cuda")
-STRATEGIES = ("pgcd-dapd", "ft", "lwf", "ilt", "mib", "plop")
+STRATEGIES = ("pgcd-dapd", "ft", "pseudo-labels", "lwf", "ilt", "mib", "plop")
 
 
 @dataclass

@@ -32,3 +32,15 @@ def test_every_widget_the_module_uses_is_in_its_ui_file():
     declared = set(re.findall(r"^    (\w+): ", module.split("class CIMISLearnerParameterNode")[1].split("class ")[0],
                               re.MULTILINE))
     assert parameters <= declared
+
+
+def test_the_panel_offers_every_incremental_strategy_of_the_engine():
+    # The bridge cannot import the engine before the dependency step, so it keeps its own list: keep it in step.
+    from cimis.incremental.strategies import STRATEGIES as ENGINE
+    from cimis_slicer.workflow import STRATEGIES as BRIDGE
+
+    incremental = [name for name, cls in ENGINE.items() if not getattr(cls, "fresh_start", False)]
+    assert sorted(BRIDGE) == sorted(incremental)
+    module = (ROOT / "CIMISLearner" / "CIMISLearner.py").read_text(encoding="utf-8")
+    choice = re.search(r"strategy: Annotated\[str, Choice\((\[.*?\])\)\]", module)
+    assert choice and sorted(json.loads(choice.group(1))) == sorted(incremental)
