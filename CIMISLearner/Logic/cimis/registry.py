@@ -45,6 +45,7 @@ from typing import Callable, Iterator
 from cimis import __version__
 from cimis.data.classes import ClassSet
 from cimis.errors import CimisError
+from cimis.model.card_limits import check_card_fields
 
 REGISTRY_FORMAT = "cimis-registry/1"
 ACTIVE_FORMAT = "cimis-active/1"
@@ -114,8 +115,10 @@ def read_json_file(path: Path, what: str, hint: str | None = None) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CimisError(f"{what} {path} is missing", hint) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CimisError(f"{what} {path} is unreadable or truncated ({exc})", hint) from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: bad JSON, or an integer of >4300 digits
+        raise CimisError(f"{what} {path} is unreadable or truncated ({str(exc)[:200]})", hint) from None
+    except RecursionError:
+        raise CimisError(f"{what} {path} is nested too deeply to be a CIMISLearner file", hint) from None
     if not isinstance(data, dict):
         raise CimisError(f"{what} {path} is not a JSON object", hint)
     return data
@@ -145,6 +148,7 @@ def verify_model_folder(folder: Path, where: str | None = None, extra_files: tup
     card = read_json_file(folder / CARD, f"{where}: the model card", damaged)
     if card.get("format") != CARD_FORMAT:
         raise CimisError(f"{where}: {CARD} is not a CIMISLearner model card (format {card.get('format')!r})", damaged)
+    check_card_fields(card, f"{where}: {CARD}")
     classes_of(card, where)
     checksums = card.get("checksums")
     if not isinstance(checksums, dict) or WEIGHTS not in checksums:
