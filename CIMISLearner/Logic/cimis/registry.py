@@ -6,7 +6,8 @@ Layout (docs/registry.md)::
       registry.json          {"format": "cimis-registry/1", "created", "last_version"}
       active.json            {"format": "cimis-active/1", "version": "v0003", "previous": "v0002", "updated"}
       versions/v0001/        card.json, weights.safetensors, prototypes.safetensors, summary.json (read-only)
-      staging/               versions being written (named PID-RANDOM); never read, swept when stale
+      staging/               versions being written (named PID-RANDOM-HOST-BOOT); never read, swept when
+                             their writer on this machine is dead, or when a day old
       trash/                 versions being deleted; never read, swept
       .lock                  serialises writers (advisory file lock, released by the kernel on kill -9)
 
@@ -33,6 +34,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import struct
 import tarfile
@@ -425,13 +427,15 @@ class Registry:
         return archive
 
     def sweep(self) -> None:
-        """Remove leftovers of killed writers: staging folders of dead processes (or a day old) and trash."""
-        for folder in (self.staging_dir, self.trash_dir):
-            if not folder.is_dir():
-                continue
-            for item in folder.iterdir():
-                if folder == self.trash_dir or _stale(item):
-                    _remove_tree(item)
+        """Remove leftovers of killed writers: staging folders whose writer is known dead (or a day old) and
+        trash. Under the registry lock, so it never races a writer's commit or another sweep."""
+        with self._lock():
+            for folder in (self.staging_dir, self.trash_dir):
+                if not folder.is_dir():
+                    continue
+                for item in folder.iterdir():
+                    if folder == self.trash_dir or _stale(item):
+                        _remove_tree(item)
 
     # ------------------------------------------------------------------------------------ internals
     @contextlib.contextmanager
@@ -441,7 +445,7 @@ class Registry:
             raise CimisError(f"there is no model registry at {self.root}")
         self.sweep()
         self.staging_dir.mkdir(exist_ok=True)
-        stage = self.staging_dir / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        stage = self.staging_dir / staging_name(os.getpid())
         stage.mkdir()
         try:
             yield stage
@@ -665,14 +669,50 @@ def _version_number(name: str) -> int:
     return int(name[1:])
 
 
-def _stale(item: Path) -> bool:
-    """Whether a staging entry belongs to no running process (or is older than a day)."""
+def _machine_tag(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:12]
+
+
+def _this_host() -> str:
+    return _machine_tag(socket.gethostname())
+
+
+def _this_boot() -> str:
+    """This machine's boot (Linux: its boot id); "0" where unknown."""
     try:
-        if time.time() - item.stat().st_mtime > _STALE_STAGING_S:
+        return _machine_tag(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    except OSError:
+        return "0"
+
+
+def staging_name(pid: int, host: str | None = None, boot: str | None = None) -> str:
+    """``PID-RANDOM-HOST-BOOT``: who writes a staging folder, so that a sweep on a registry shared by several
+    machines (a network folder) judges only its own machine's writers (host and boot are hashes)."""
+    return f"{pid}-{uuid.uuid4().hex[:12]}-{host or _this_host()}-{boot or _this_boot()}"
+
+
+def _newest_mtime(item: Path) -> float:
+    times = [item.stat().st_mtime]
+    if item.is_dir():
+        times += [child.stat().st_mtime for child in item.iterdir()]
+    return max(times)
+
+
+def _stale(item: Path) -> bool:
+    """Whether a staging entry's writer is gone: a process of this machine and boot that no longer runs,
+    a process of an earlier boot of this machine, or anything untouched for a day. Another machine's
+    entries (and entries of unknown origin) are left alone until then: their processes cannot be seen."""
+    try:
+        if time.time() - _newest_mtime(item) > _STALE_STAGING_S:
             return True
-        pid = int(item.name.split("-", 1)[0])
-    except (OSError, ValueError):
-        return True
+    except OSError:
+        return True  # vanished or unreadable: nothing of a live writer
+    parts = item.name.split("-")
+    if len(parts) != 4 or not parts[0].isdigit() or parts[2] != _this_host():
+        return False
+    if parts[3] != _this_boot():
+        return True  # written before this machine last booted
+    pid = int(parts[0])
     if pid == os.getpid():
         return False
     try:

@@ -3,10 +3,15 @@ every archive check (escaping paths, links, unexpected and pickle files, damaged
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +23,7 @@ from cimis.data.preprocess import PreprocessConfig
 from cimis.errors import CimisError
 from cimis.model.modelfile import ModelCard, save_model
 from cimis.model.network import NetworkConfig, SegmentationNet
-from cimis.registry import Registry, verify_model_folder
+from cimis.registry import Registry, staging_name, verify_model_folder
 
 TINY = NetworkConfig(filters=[4, 8, 16], kernel_sizes=[3, 3, 3], strides=[1, 2, 2])
 CLASSES = ClassSet.from_names(["liver", "spleen"])
@@ -110,12 +115,51 @@ def test_version_names_cannot_be_paths(registry):
         registry.resolve("7")
 
 
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid  # just ended; not reused within the test
+
+
 def test_stale_staging_of_dead_processes_is_swept(registry, models):
-    stale = registry.staging_dir / "999999999-deadbeef"
+    stale = registry.staging_dir / staging_name(_dead_pid())
     stale.mkdir()
     (stale / "weights.safetensors").write_bytes(b"half")
     registry.publish(models[1], {})
     assert not stale.exists()
+
+
+def test_the_sweep_leaves_other_machines_staging_alone_until_it_is_a_day_old(registry, models):
+    """Issue 14, item 12: on a registry shared by several machines, a dead-looking PID of another host is
+    a live process there; only this machine's dead writers (or this machine's earlier boots) are swept."""
+    dead = _dead_pid()
+    other_host = registry.staging_dir / staging_name(dead, host="0123456789ab")
+    earlier_boot = registry.staging_dir / staging_name(dead, boot="0123456789ab")
+    legacy = registry.staging_dir / f"{dead}-deadbeef"  # an older writer's name: no host recorded
+    old_other_host = registry.staging_dir / staging_name(dead, host="ba9876543210")
+    for item in (other_host, earlier_boot, legacy, old_other_host):
+        item.mkdir()
+        (item / "card.json").write_text("{}")
+    two_days_ago = time.time() - 2 * 86400
+    for path in (old_other_host / "card.json", old_other_host):
+        os.utime(path, (two_days_ago, two_days_ago))
+    registry.publish(models[1], {})
+    assert other_host.exists() and legacy.exists()
+    assert not earlier_boot.exists() and not old_other_host.exists()
+
+
+def test_the_sweep_runs_under_the_registry_lock(registry):
+    stale = registry.staging_dir / staging_name(_dead_pid())
+    stale.mkdir()
+    swept = threading.Event()
+    with open(registry.root / ".lock", "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # another writer holds the lock
+        sweeper = threading.Thread(target=lambda: (registry.sweep(), swept.set()))
+        sweeper.start()
+        assert not swept.wait(1.0) and stale.exists()
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    assert swept.wait(10) and not stale.exists()
+    sweeper.join()
 
 
 def test_a_killed_job_is_found_by_its_token(registry, models):
