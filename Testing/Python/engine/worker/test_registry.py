@@ -253,6 +253,66 @@ def test_import_refuses_pickles_zips_and_truncated_archives(registry, tmp_path):
     assert registry.version_names() == ["v0001"] and not any(registry.staging_dir.iterdir())
 
 
+class _Zeros(io.RawIOBase):
+    """``size`` zero bytes, streamed (a bomb's payload, never held in memory)."""
+
+    def __init__(self, size: int):
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self.left)
+        buffer[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
+def test_a_decompression_bomb_is_refused_as_it_is_read_without_filling_staging(registry, tmp_path):
+    """Issue 14, item 11: 4 MB of gzip expanding to 4 GiB of "weights" was written and fsynced into staging
+    before the import was refused. Now the expansion ratio is watched while the archive is read."""
+    members = _version_members(registry.path("v0001"))
+    bomb = tmp_path / "bomb.tar.gz"
+    size = 160 * 2**20
+    with tarfile.open(bomb, "w:gz", compresslevel=9) as tar:
+        for name, data, _ in members:
+            if name == "weights.safetensors":
+                info = tarfile.TarInfo(name)
+                info.size = size
+                tar.addfile(info, io.BufferedReader(_Zeros(size)))
+            else:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    assert bomb.stat().st_size < size // 500
+    before = files_under(registry.root)
+    started = time.monotonic()
+    with pytest.raises(CimisError, match="decompression bomb"):
+        registry.import_model(bomb)
+    assert time.monotonic() - started < 10
+    assert files_under(registry.root) - {".lock"} == before - {".lock"}
+
+
+def test_a_tensor_file_larger_than_its_card_declares_is_refused_before_it_is_written(registry, tmp_path, monkeypatch):
+    """Incompressible bytes beyond what the card's network can need never reach the disk either."""
+    members = _version_members(registry.path("v0001"))
+    padded = [(n, d + os.urandom(2 * 2**20) if n == "weights.safetensors" else d, k) for n, d, k in members]
+    archive = _archive(tmp_path / "padded.tar.gz", padded)
+    written = []
+    real_open = open
+
+    def watching_open(file, mode="r", *args, **kwargs):
+        if "x" in str(mode):
+            written.append(Path(file).name)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", watching_open)
+    with pytest.raises(CimisError, match="more than the .* that the model its card describes can need"):
+        registry.import_model(archive)
+    assert "weights.safetensors" not in written and "card.json" in written
+
+
 def test_verify_model_folder_names_pickle_files(tmp_path, models):
     folder = tmp_path / "m"
     folder.mkdir()
