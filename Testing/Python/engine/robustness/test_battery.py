@@ -316,11 +316,31 @@ for _name in ("NaN weights", "bool weights", "network of 3.4 PB", "card nested 1
         lambda kit, assets, root, damage=_damage: _segment_job(kit, assets, root, damage))
 
 
+@row("worker train job: publishing into a registry on a full disk", "no space left")
+def _(kit, assets, root):
+    registry = _registry(kit, assets, root)
+    manifest = kit.write_manifest(root / "data", assets)
+    job = root / "data" / "train.json"
+    job.write_text(json.dumps({
+        "format": "cimis-job/1", "kind": "train", "id": "base", "registry": str(registry.root),
+        "output": str(root / "out"), "device": "cpu", "threads": 1,
+        "budget": {"iterations": 1, "batch_size": 1, "checkpoint_every": 1, "val_every": 1},
+        "data": {"manifest": str(manifest), "classes": ["spleen"]},
+        "train": {"network": {"filters": [4, 8, 16], "kernel_sizes": [3, 3, 3], "strides": [1, 2, 2]},
+                  "preprocess": {"spacing": [8.0, 8.0, 8.0], "patch_size": [32, 32, 16]}}}))
+    # The finished model stays in the job's output folder, so --resume can publish it once there is room.
+    return Row(job=job, watched=[root / "in"], fault=(registry.staging_dir, kit.FULL))
+
+
 # ------------------------------------------------------------------------------------------- running
 def _run_in_process(row: Row, kit, capsys) -> tuple[int, str]:
     if row.job is not None:
         events = io.StringIO()
-        code = run_job(row.job, out=events)
+        if row.fault is not None:
+            with kit.disk_fault(*row.fault):
+                code = run_job(row.job, out=events)
+        else:
+            code = run_job(row.job, out=events)
         lines = [json.loads(line) for line in events.getvalue().splitlines()]
         errors = [e for e in lines if e["event"] == "error"]
         assert all(e["kind"] == "user" for e in errors), errors
