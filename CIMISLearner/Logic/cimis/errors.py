@@ -41,10 +41,12 @@ def disk_error_in(exc: BaseException) -> CimisError | None:
     failure never damages what was there; the message says so. Errors raised by compiled libraries
     (safetensors) carry only the text of the OS error.
     """
+    verb = "write"
     if isinstance(exc, OSError) and exc.errno in _DISK_FULL | _NOT_WRITABLE:
         where = f" {exc.filename}" if exc.filename else ""
         full = exc.errno in _DISK_FULL
         reason = exc.strerror or str(exc)
+        verb = "access" if exc.errno in (errno.EACCES, errno.EPERM) else verb  # a read may be refused too
     else:
         text = str(exc)
         full = any(t in text for t in _DISK_FULL_TEXT)
@@ -52,7 +54,7 @@ def disk_error_in(exc: BaseException) -> CimisError | None:
             return None
         where, reason = "", ("no space left on device" if full else "read-only file system")
     hint = ("free disk space and run again" if full else "choose a folder you can write to, or fix its permissions")
-    return CimisError(f"cannot write{where}: {reason}; nothing that existed was changed", hint)
+    return CimisError(f"cannot {verb}{where}: {reason}; nothing that existed was changed", hint)
 
 
 def user_error_in(exc: BaseException) -> CimisError | None:
