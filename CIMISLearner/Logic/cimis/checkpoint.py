@@ -56,7 +56,13 @@ def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def save_checkpoint(folder: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Write ``net``, ``optimizer`` and the JSON-able ``state`` to ``folder``, replacing it atomically."""
+    """Write ``net``, ``optimizer`` and the JSON-able ``state`` to ``folder``, replacing it atomically.
+
+    Rotation: the complete new checkpoint is staged; the current one becomes ``folder.old`` and is removed
+    once the new one is in place. A kill at any point leaves a whole checkpoint in ``folder`` or, between
+    the two renames, in ``folder.old``; a ``folder.old`` left half-removed by a kill is discarded here
+    (``folder`` exists then, and it is whole: it only ever appears by a rename of a complete staging folder).
+    """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -66,29 +72,60 @@ def save_checkpoint(folder: Path, net: torch.nn.Module, optimizer: torch.optim.O
         skeleton = flatten(optimizer.state_dict(), tensors, prefix="optimizer")
         save_file(tensors, str(staging / "optimizer.safetensors"))
         (staging / "state.json").write_text(json.dumps({**state, "optimizer": skeleton}, indent=1))
-        old = folder.with_name(folder.name + ".old")
-        if folder.exists():
+        old = _old_of(folder)
+        if folder.is_dir():
+            shutil.rmtree(old, ignore_errors=True)  # a leftover of a killed rotation: folder is newer
             os.replace(folder, old)
+        # With no folder, old (if any) is the only whole checkpoint: it stays until staging is in place.
         os.replace(staging, folder)
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        raise CimisError(f"cannot write the checkpoint in {folder.parent} ({exc.strerror or exc})",
+                         "free disk space or make the run folder writable; the previous checkpoint is kept") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Load weights and optimizer state from ``folder`` into ``net`` and ``optimizer``; return the state."""
+def _old_of(folder: Path) -> Path:
+    return folder.with_name(folder.name + ".old")
+
+
+def checkpoint_candidates(folder: Path) -> list[Path]:
+    """The checkpoints a resume may use, best first: ``folder``, then ``folder.old`` (left by a kill
+    between the two renames of a save); only those holding a ``state.json``."""
     folder = Path(folder)
-    if not folder.is_dir() and folder.with_name(folder.name + ".old").is_dir():
-        folder = folder.with_name(folder.name + ".old")  # killed between the two renames of a save
-    if not (folder / "state.json").is_file():
+    return [f for f in (folder, _old_of(folder)) if (f / "state.json").is_file()]
+
+
+def load_checkpoint(folder: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Load weights and optimizer state from ``folder`` (or its ``.old`` rotation partner when ``folder`` is
+    missing or unreadable) into ``net`` and ``optimizer``; return the state."""
+    folder = Path(folder)
+    candidates = checkpoint_candidates(folder)
+    if not candidates:
         raise CimisError(f"no checkpoint to resume from in {folder.parent}", "run without --resume to start afresh")
+    first_error: CimisError | None = None
+    for candidate in candidates:
+        try:
+            return _load_one(candidate, net, optimizer)
+        except CimisError as exc:
+            first_error = first_error or exc
+    raise first_error
+
+
+_AFRESH = "start afresh with --overwrite instead of --resume (a worker job: give it a new output folder)"
+
+
+def _load_one(folder: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     try:
         state = json.loads((folder / "state.json").read_text())
         missing, unexpected = load_safetensors_into(net, str(folder / "model.safetensors"), strict=False)
         tensors = load_file(str(folder / "optimizer.safetensors"))
         optimizer.load_state_dict(unflatten(state.pop("optimizer"), tensors))
-    except (json.JSONDecodeError, SafetensorError, OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise CimisError(f"the checkpoint in {folder} is unreadable ({exc})", "run without --resume to start afresh") from exc
+    except (json.JSONDecodeError, SafetensorError, OSError, ValueError, KeyError, RuntimeError, TypeError,
+            AttributeError, RecursionError) as exc:
+        raise CimisError(f"the checkpoint in {folder} is unreadable ({type(exc).__name__}: {str(exc)[:200]})",
+                         _AFRESH) from exc
     if missing or unexpected:
-        raise CimisError(f"the checkpoint in {folder} does not fit this network", "run without --resume to start afresh")
+        raise CimisError(f"the checkpoint in {folder} does not fit this network", _AFRESH)
     return state

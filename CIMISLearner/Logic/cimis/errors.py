@@ -7,6 +7,7 @@ it never shows a traceback for these.
 
 from __future__ import annotations
 
+import errno
 import unicodedata
 
 
@@ -28,8 +29,37 @@ class CimisError(Exception):
         return self.message if not self.hint else f"{self.message} ({self.hint})"
 
 
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")
+_NOT_WRITABLE_TEXT = ("Read-only file system", "os error 30")
+
+
+def disk_error_in(exc: BaseException) -> CimisError | None:
+    """A full or read-only disk (or a folder without write permission) behind ``exc``, worded for the user.
+
+    Every write of the engine goes to a staging name that is renamed into place when complete, so such a
+    failure never damages what was there; the message says so. Errors raised by compiled libraries
+    (safetensors) carry only the text of the OS error.
+    """
+    verb = "write"
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL | _NOT_WRITABLE:
+        where = f" {exc.filename}" if exc.filename else ""
+        full = exc.errno in _DISK_FULL
+        reason = exc.strerror or str(exc)
+        verb = "access" if exc.errno in (errno.EACCES, errno.EPERM) else verb  # a read may be refused too
+    else:
+        text = str(exc)
+        full = any(t in text for t in _DISK_FULL_TEXT)
+        if not full and not any(t in text for t in _NOT_WRITABLE_TEXT):
+            return None
+        where, reason = "", ("no space left on device" if full else "read-only file system")
+    hint = ("free disk space and run again" if full else "choose a folder you can write to, or fix its permissions")
+    return CimisError(f"cannot {verb}{where}: {reason}; nothing that existed was changed", hint)
+
+
 def user_error_in(exc: BaseException) -> CimisError | None:
-    """The :class:`CimisError` behind ``exc``, if any.
+    """The :class:`CimisError` behind ``exc``, if any; a full or read-only disk counts as one.
 
     Libraries wrap exceptions raised inside callbacks (MONAI's transforms re-raise them as
     ``RuntimeError("applying transform ...")``); the user's problem is the innermost CimisError.
@@ -38,6 +68,9 @@ def user_error_in(exc: BaseException) -> CimisError | None:
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, CimisError):
             return exc
+        disk = disk_error_in(exc)
+        if disk is not None:
+            return disk
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None

@@ -6,7 +6,8 @@ Layout (docs/registry.md)::
       registry.json          {"format": "cimis-registry/1", "created", "last_version"}
       active.json            {"format": "cimis-active/1", "version": "v0003", "previous": "v0002", "updated"}
       versions/v0001/        card.json, weights.safetensors, prototypes.safetensors, summary.json (read-only)
-      staging/               versions being written (named PID-RANDOM); never read, swept when stale
+      staging/               versions being written (named PID-RANDOM-HOST-BOOT); never read, swept when
+                             their writer on this machine is dead, or when a day old
       trash/                 versions being deleted; never read, swept
       .lock                  serialises writers (advisory file lock, released by the kernel on kill -9)
 
@@ -33,6 +34,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import struct
 import tarfile
@@ -45,6 +47,7 @@ from typing import Callable, Iterator
 from cimis import __version__
 from cimis.data.classes import ClassSet
 from cimis.errors import CimisError
+from cimis.model.card_limits import check_card_fields
 
 REGISTRY_FORMAT = "cimis-registry/1"
 ACTIVE_FORMAT = "cimis-active/1"
@@ -114,8 +117,10 @@ def read_json_file(path: Path, what: str, hint: str | None = None) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CimisError(f"{what} {path} is missing", hint) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CimisError(f"{what} {path} is unreadable or truncated ({exc})", hint) from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: bad JSON, or an integer of >4300 digits
+        raise CimisError(f"{what} {path} is unreadable or truncated ({str(exc)[:200]})", hint) from None
+    except RecursionError:
+        raise CimisError(f"{what} {path} is nested too deeply to be a CIMISLearner file", hint) from None
     if not isinstance(data, dict):
         raise CimisError(f"{what} {path} is not a JSON object", hint)
     return data
@@ -145,6 +150,7 @@ def verify_model_folder(folder: Path, where: str | None = None, extra_files: tup
     card = read_json_file(folder / CARD, f"{where}: the model card", damaged)
     if card.get("format") != CARD_FORMAT:
         raise CimisError(f"{where}: {CARD} is not a CIMISLearner model card (format {card.get('format')!r})", damaged)
+    check_card_fields(card, f"{where}: {CARD}")
     classes_of(card, where)
     checksums = card.get("checksums")
     if not isinstance(checksums, dict) or WEIGHTS not in checksums:
@@ -421,13 +427,15 @@ class Registry:
         return archive
 
     def sweep(self) -> None:
-        """Remove leftovers of killed writers: staging folders of dead processes (or a day old) and trash."""
-        for folder in (self.staging_dir, self.trash_dir):
-            if not folder.is_dir():
-                continue
-            for item in folder.iterdir():
-                if folder == self.trash_dir or _stale(item):
-                    _remove_tree(item)
+        """Remove leftovers of killed writers: staging folders whose writer is known dead (or a day old) and
+        trash. Under the registry lock, so it never races a writer's commit or another sweep."""
+        with self._lock():
+            for folder in (self.staging_dir, self.trash_dir):
+                if not folder.is_dir():
+                    continue
+                for item in folder.iterdir():
+                    if folder == self.trash_dir or _stale(item):
+                        _remove_tree(item)
 
     # ------------------------------------------------------------------------------------ internals
     @contextlib.contextmanager
@@ -437,7 +445,7 @@ class Registry:
             raise CimisError(f"there is no model registry at {self.root}")
         self.sweep()
         self.staging_dir.mkdir(exist_ok=True)
-        stage = self.staging_dir / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        stage = self.staging_dir / staging_name(os.getpid())
         stage.mkdir()
         try:
             yield stage
@@ -526,17 +534,17 @@ def _checked_archive_members(path: Path) -> list[tuple[tarfile.TarInfo, str]]:
         raise CimisError(f"{path} is a zip archive", "models are exchanged as .tar.gz files written by `cimis models export`")
     if pickle:
         raise CimisError(pickle, "export the model with `cimis models export` and import that archive")
-    try:
-        tar = tarfile.open(path, "r:*")
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise CimisError(f"{path} is not a model archive (.tar.gz): {exc}",
-                         "import an archive written by `cimis models export`, or a model folder") from None
     members: list[tuple[tarfile.TarInfo, str]] = []
-    with tar:
-        try:
+    opened = False
+    try:
+        with _open_archive(path) as tar:
+            opened = True
             infos = tar.getmembers()
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise CimisError(f"{path} is truncated or corrupted ({exc})", "export the model again") from None
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        if not opened:
+            raise CimisError(f"{path} is not a model archive (.tar.gz): {exc}",
+                             "import an archive written by `cimis models export`, or a model folder") from None
+        raise CimisError(f"{path} is truncated or corrupted ({exc})", "export the model again") from None
     top_dirs = set()
     for info in infos:
         name = info.name
@@ -595,14 +603,22 @@ def _zip_holds_pickle(path: Path) -> bool:
 
 
 def _extract_members(path: Path, members: list[tuple[tarfile.TarInfo, str]], stage: Path) -> None:
-    """Copy the checked members' bytes into ``stage`` under their checked base names (never the member path)."""
-    wanted = {info.name: base for info, base in members}
+    """Copy the checked members' bytes into ``stage`` under their checked base names (never the member path).
+
+    The card comes first; the tensor files may then be no larger than the network and classes it declares
+    need, so an archive cannot fill the disk with more than the model it claims to be. Decompression is
+    watched throughout (:class:`_ExpansionGuard`).
+    """
+    ordered = sorted(members, key=lambda m: m[1] != CARD)
     try:
-        with tarfile.open(path, "r:*") as tar:
-            for info in tar.getmembers():
-                base = wanted.get(info.name)
-                if base is None or not info.isreg():
-                    continue
+        with _open_archive(path) as tar:
+            for info, base in ordered:
+                if base in TENSOR_FILES:
+                    limit = _tensor_file_limit(stage / CARD, base)
+                    if info.size > limit:
+                        raise CimisError(f"{path}: {info.name} holds {info.size} bytes, more than the {limit} that "
+                                         f"the model its card describes can need; refusing to import it",
+                                         "import an archive written by `cimis models export`")
                 source = tar.extractfile(info)
                 if source is None:
                     raise CimisError(f"{path}: cannot read {info.name}")
@@ -613,8 +629,124 @@ def _extract_members(path: Path, members: list[tuple[tarfile.TarInfo, str]], sta
                     os.fsync(out.fileno())
                 if copied != info.size:
                     raise CimisError(f"{path} is truncated ({info.name} ends early)", "export the model again")
+                if base == CARD:
+                    card = read_json_file(target, f"{path}: the model card", "export the model again")
+                    check_card_fields(card, f"{path}: {CARD}")
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise CimisError(f"{path} is truncated or corrupted ({exc})", "export the model again") from None
+
+
+def _tensor_file_limit(card_path: Path, name: str) -> int:
+    """The largest ``name`` the (checked) card's model can need: its tensors in 32-bit floats plus the
+    safetensors header (one JSON entry per tensor)."""
+    from cimis.model.modelfile import ModelCard, _expected_tensors
+
+    card = ModelCard.from_json(read_json_file(card_path, "the model card"), str(card_path))
+    if name == WEIGHTS:
+        tensors = _expected_tensors(card)
+        data = sum(t.numel() * max(t.element_size(), 4) for t in tensors.values())
+    else:  # prototypes (C, D) and valid (C,)
+        tensors = {"prototypes": None, "valid": None}
+        data = card.classes.num_channels * (card.network.feature_dim * 4 + 1)
+    return data + 2**16 + 512 * len(tensors)
+
+
+# Decompression bombs: a model's float weights barely compress (about 1.1:1) and its JSON perhaps 10:1;
+# an archive expanding over 100 times, beyond the first 32 MiB, is refused as it is read.
+_MAX_EXPANSION = 100
+_EXPANSION_GRACE = 32 * 2**20
+
+
+class _ExpansionGuard(io.RawIOBase):
+    """A decompressing, seekable reader of a (gzip, bzip2, xz or plain) tar file that raises
+    :class:`CimisError` as soon as the bytes it has expanded exceed :data:`_MAX_EXPANSION` times the
+    compressed bytes read (after :data:`_EXPANSION_GRACE`). Seeking forward reads through in blocks."""
+
+    def __init__(self, path: Path):
+        import bz2
+        import gzip
+        import lzma
+
+        super().__init__()
+        self.path = path
+        self.raw = open(path, "rb")
+        magic = self.raw.read(6)
+        self.raw.seek(0)
+        if magic[:2] == b"\x1f\x8b":
+            self.stream = gzip.GzipFile(fileobj=self.raw, mode="rb")
+        elif magic[:3] == b"BZh":
+            self.stream = bz2.BZ2File(self.raw)
+        elif magic == b"\xfd7zXZ\x00":
+            self.stream = lzma.LZMAFile(self.raw)
+        else:
+            self.stream = self.raw
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.stream.tell()
+
+    def _check(self) -> None:
+        if self.stream is self.raw:
+            return
+        expanded = self.stream.tell()
+        if expanded > _EXPANSION_GRACE and expanded > _MAX_EXPANSION * max(self.raw.tell(), 1):
+            raise CimisError(f"{self.path} expands more than {_MAX_EXPANSION} times when decompressed "
+                             f"({expanded} bytes from {self.raw.tell()}): a decompression bomb, not a model; "
+                             "refusing to import it", "import an archive written by `cimis models export`")
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = 1 << 62
+        chunks = []
+        while size > 0:
+            block = self.stream.read(min(size, 1 << 20))
+            self._check()
+            if not block:
+                break
+            chunks.append(block)
+            size -= len(block)
+        return b"".join(chunks)
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_CUR:
+            offset += self.tell()
+        elif whence != io.SEEK_SET:
+            raise io.UnsupportedOperation("seek from the end")
+        if offset < self.tell():
+            self.stream.seek(offset)  # back: decompression restarts from the beginning
+        while self.tell() < offset:
+            if not self.read(min(offset - self.tell(), 1 << 20)):
+                break
+        return self.tell()
+
+    def close(self) -> None:
+        try:
+            if self.stream is not self.raw:
+                self.stream.close()
+            self.raw.close()
+        finally:
+            super().close()
+
+
+@contextlib.contextmanager
+def _open_archive(path: Path) -> Iterator[tarfile.TarFile]:
+    """``path`` as a tar file read through an :class:`_ExpansionGuard`."""
+    guard = _ExpansionGuard(path)
+    try:
+        with tarfile.open(fileobj=guard, mode="r:") as tar:
+            yield tar
+    finally:
+        guard.close()
 
 
 def _copy_limited(source: io.BufferedReader, out, size: int) -> int:
@@ -661,14 +793,50 @@ def _version_number(name: str) -> int:
     return int(name[1:])
 
 
-def _stale(item: Path) -> bool:
-    """Whether a staging entry belongs to no running process (or is older than a day)."""
+def _machine_tag(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:12]
+
+
+def _this_host() -> str:
+    return _machine_tag(socket.gethostname())
+
+
+def _this_boot() -> str:
+    """This machine's boot (Linux: its boot id); "0" where unknown."""
     try:
-        if time.time() - item.stat().st_mtime > _STALE_STAGING_S:
+        return _machine_tag(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    except OSError:
+        return "0"
+
+
+def staging_name(pid: int, host: str | None = None, boot: str | None = None) -> str:
+    """``PID-RANDOM-HOST-BOOT``: who writes a staging folder, so that a sweep on a registry shared by several
+    machines (a network folder) judges only its own machine's writers (host and boot are hashes)."""
+    return f"{pid}-{uuid.uuid4().hex[:12]}-{host or _this_host()}-{boot or _this_boot()}"
+
+
+def _newest_mtime(item: Path) -> float:
+    times = [item.stat().st_mtime]
+    if item.is_dir():
+        times += [child.stat().st_mtime for child in item.iterdir()]
+    return max(times)
+
+
+def _stale(item: Path) -> bool:
+    """Whether a staging entry's writer is gone: a process of this machine and boot that no longer runs,
+    a process of an earlier boot of this machine, or anything untouched for a day. Another machine's
+    entries (and entries of unknown origin) are left alone until then: their processes cannot be seen."""
+    try:
+        if time.time() - _newest_mtime(item) > _STALE_STAGING_S:
             return True
-        pid = int(item.name.split("-", 1)[0])
-    except (OSError, ValueError):
-        return True
+    except OSError:
+        return True  # vanished or unreadable: nothing of a live writer
+    parts = item.name.split("-")
+    if len(parts) != 4 or not parts[0].isdigit() or parts[2] != _this_host():
+        return False
+    if parts[3] != _this_boot():
+        return True  # written before this machine last booted
+    pid = int(parts[0])
     if pid == os.getpid():
         return False
     try:

@@ -634,7 +634,11 @@ class JobRun:
         import torch
 
         if self.job.threads:
-            torch.set_num_threads(self.job.threads)
+            cores = _cores_present()
+            if self.job.threads > cores:  # torch would try to start them all, and fail only after a while
+                self.warn("threads_capped", f"threads {self.job.threads} is more than the {cores} CPU cores "
+                                            f"present: using {cores}")
+            torch.set_num_threads(min(self.job.threads, cores))
         requested = self.job.device
         cuda = torch.cuda.is_available()
         if requested == "cpu":
@@ -707,6 +711,14 @@ class JobRun:
 
     def result(self, **payload) -> dict:
         return {"kind": self.job.kind, "seconds": time.monotonic() - self.started, **payload}
+
+
+def _cores_present() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 # --------------------------------------------------------------------------------------- runners
@@ -1004,10 +1016,13 @@ def _report(exc: BaseException, events: EventStream, cancellation: Cancellation,
         cancelled = "SIGINT"
     if cancelled is not None:
         code = exit_code_for(cancelled)
-        resumable = run is not None and run.work.checkpoint_exists()
+        # Resumable whenever the job's state survived: --resume continues from its checkpoint, its label
+        # maps or its finished model, or runs it again from the start in the same folder.
+        resumable = run is not None and run.work.state_file.is_file()
+        progress = "from the last checkpoint" if resumable and run.work.checkpoint_exists() else "the job"
         events.emit("cancelled", reason=cancelled, exit_code=code, forced=False, resumable=resumable,
                     message="the job was cancelled; the model registry is unchanged"
-                            + ("; --resume continues from the last checkpoint" if resumable else ""))
+                            + (f"; --resume continues {progress}" if resumable else ""))
         cancellation.remove_cancel_file()
         return code
     user = user_error_in(exc)

@@ -47,11 +47,14 @@ class ClassInfo:
 
     @staticmethod
     def from_json(entry: dict) -> "ClassInfo":
+        if not isinstance(entry, dict):
+            raise CimisError(f"a class entry is {type(entry).__name__} {str(entry)[:40]!r}, not an object",
+                             "each class is an object with a name and an integer value")
         try:
             color = tuple(int(c) for c in entry.get("color", ())) or None
             return ClassInfo(str(entry["name"]), int(entry["value"]), color)  # type: ignore[arg-type]
         except (KeyError, TypeError, ValueError) as exc:
-            raise CimisError(f"malformed class entry {entry!r}", "each class needs a name and an integer value") from exc
+            raise CimisError(f"malformed class entry {str(entry)[:80]!r}", "each class needs a name and an integer value") from exc
 
 
 def label_dtype(values: Iterable[int]) -> type:

@@ -198,6 +198,10 @@ def read_json(path: Path, what: str, missing_hint: str | None = None) -> Any:
             f"{what} {path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
             "fix the JSON syntax (a trailing comma or a missing quote is the usual cause)",
         ) from None
+    except ValueError as exc:  # an integer of more than 4300 digits
+        raise CimisError(f"{what} {path} holds a number too long to read ({str(exc)[:80]})") from None
+    except RecursionError:
+        raise CimisError(f"{what} {path} is nested too deeply") from None
 
 
 def _case_from_json(entry: Any, root: Path) -> Case:

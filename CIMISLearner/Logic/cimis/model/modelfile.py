@@ -32,6 +32,7 @@ from cimis import __version__
 from cimis.data.classes import ClassSet
 from cimis.data.preprocess import PreprocessConfig
 from cimis.errors import CimisError
+from cimis.model.card_limits import check_card_fields
 from cimis.model.network import NetworkConfig, SegmentationNet
 
 CARD_FORMAT = "cimis-model/1"
@@ -70,6 +71,7 @@ class ModelCard:
     def from_json(d: dict, where: str = "card") -> "ModelCard":
         if not isinstance(d, dict) or d.get("format") != CARD_FORMAT:
             raise CimisError(f"{where} is not a CIMISLearner model card (expected format {CARD_FORMAT!r})")
+        check_card_fields(d, where)
         try:
             return ModelCard(
                 classes=ClassSet.from_json(d["classes"]),
@@ -156,10 +158,18 @@ def load_card(folder: str | Path) -> ModelCard:
     if not (folder / CARD_NAME).is_file():
         _refuse_non_model(folder)
         raise CimisError(f"{folder} has no {CARD_NAME}: it is not a CIMISLearner model folder")
+    from cimis.registry import JSON_LIMIT
+
+    path = folder / CARD_NAME
+    if path.stat().st_size > JSON_LIMIT:
+        raise CimisError(f"{path} is too large to be a CIMISLearner model card", "the model file is corrupted")
     try:
-        data = json.loads((folder / CARD_NAME).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CimisError(f"{folder / CARD_NAME} is not valid JSON ({exc})", "the model file is corrupted") from exc
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:  # ValueError: bad syntax, or an integer of >4300 digits
+        raise CimisError(f"{path} is not valid JSON ({str(exc)[:200]})", "the model file is corrupted") from None
+    except RecursionError:
+        raise CimisError(f"{path} is not valid JSON for a model card (nested too deeply)",
+                         "the model file is corrupted") from None
     return ModelCard.from_json(data, where=str(folder / CARD_NAME))
 
 
@@ -184,6 +194,8 @@ def load_prototypes(folder: str | Path, card: ModelCard | None = None) -> tuple[
         bank, valid = tensors["prototypes"], tensors["valid"].bool()
     except (SafetensorError, OSError, KeyError) as exc:
         raise CimisError(f"{path} cannot be read ({exc})", "the model file is corrupted") from exc
+    if not bank.dtype.is_floating_point or not bool(torch.isfinite(bank).all()):
+        raise CimisError(f"{path}: the prototypes are not finite floating-point values", "the model file is corrupted")
     if bank.shape != (card.classes.num_channels, card.network.feature_dim) or valid.shape != (bank.shape[0],):
         raise CimisError(f"{path} does not fit the model's classes and features", "the model file is corrupted")
     return bank, valid
@@ -196,7 +208,11 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise CimisError(f"{folder} has no {WEIGHTS_NAME}", "the model folder is incomplete")
+    _refuse_pickled_tensors(weights)
     _verify_checksum(folder, WEIGHTS_NAME, card)
+    expected = _expected_tensors(card)
+    _check_weight_values(weights, expected)
+    _check_network_fits_file(weights, expected)
     net = SegmentationNet(card.network, card.classes.num_channels)
     try:
         missing, unexpected = load_safetensors_into(net, str(weights), strict=False, device="cpu")
@@ -211,3 +227,51 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
             "the model file is corrupted or from an incompatible version",
         )
     return net.to(device).eval(), card
+
+
+def _refuse_pickled_tensors(path: Path) -> None:
+    """A pickle named like a tensor file is named as such (docs/model-file.md), before any parser sees it."""
+    from cimis.registry import describe_pickle
+
+    with open(path, "rb") as f:
+        pickle = describe_pickle(path, f.read(4))
+    if pickle:
+        raise CimisError(pickle, "use a model folder with safetensors weights (weights.safetensors + card.json)")
+
+
+def _expected_tensors(card: ModelCard) -> dict[str, torch.Tensor]:
+    """The network's tensors as the card describes it, built on the meta device (nothing is allocated)."""
+    with torch.device("meta"):
+        probe = SegmentationNet(card.network, card.classes.num_channels)
+    return {**dict(probe.named_parameters()), **dict(probe.named_buffers())}
+
+
+def _check_network_fits_file(weights: Path, expected: dict[str, torch.Tensor]) -> None:
+    """Refuse, before allocating it, a network that needs more bytes than its weights file holds."""
+    needed = sum(t.numel() * t.element_size() for t in expected.values())
+    if needed > weights.stat().st_size:
+        raise CimisError(f"{weights}: the card's 'network' and 'classes' describe a network of {needed} bytes, "
+                         f"more than the {weights.stat().st_size}-byte weights file holds",
+                         "the model file is corrupted or from an incompatible version")
+
+
+def _check_weight_values(weights: Path, expected: dict[str, torch.Tensor]) -> None:
+    """Every weight the network reads as floating point is stored as floating point and finite: int8, bool,
+    NaN or infinite weights would load (converted) and segment everything as background."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for name in f.keys():
+                want = expected.get(name)
+                if want is None or not want.dtype.is_floating_point:
+                    continue  # an unknown name is reported by the load; integer buffers keep their dtype
+                tensor = f.get_tensor(name)
+                if not tensor.dtype.is_floating_point:
+                    raise CimisError(f"{weights}: tensor {name!r} has dtype {str(tensor.dtype).replace('torch.', '')}, "
+                                     "not floating point", "the model file is corrupted")
+                if not bool(torch.isfinite(tensor).all()):
+                    raise CimisError(f"{weights}: tensor {name!r} holds NaN or infinite values",
+                                     "the model is broken (training diverged?) or the file is corrupted")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CimisError(f"{weights} cannot be read as safetensors ({exc})", "the model file is corrupted") from exc

@@ -3,10 +3,15 @@ every archive check (escaping paths, links, unexpected and pickle files, damaged
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +23,7 @@ from cimis.data.preprocess import PreprocessConfig
 from cimis.errors import CimisError
 from cimis.model.modelfile import ModelCard, save_model
 from cimis.model.network import NetworkConfig, SegmentationNet
-from cimis.registry import Registry, verify_model_folder
+from cimis.registry import Registry, staging_name, verify_model_folder
 
 TINY = NetworkConfig(filters=[4, 8, 16], kernel_sizes=[3, 3, 3], strides=[1, 2, 2])
 CLASSES = ClassSet.from_names(["liver", "spleen"])
@@ -110,12 +115,51 @@ def test_version_names_cannot_be_paths(registry):
         registry.resolve("7")
 
 
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid  # just ended; not reused within the test
+
+
 def test_stale_staging_of_dead_processes_is_swept(registry, models):
-    stale = registry.staging_dir / "999999999-deadbeef"
+    stale = registry.staging_dir / staging_name(_dead_pid())
     stale.mkdir()
     (stale / "weights.safetensors").write_bytes(b"half")
     registry.publish(models[1], {})
     assert not stale.exists()
+
+
+def test_the_sweep_leaves_other_machines_staging_alone_until_it_is_a_day_old(registry, models):
+    """Issue 14, item 12: on a registry shared by several machines, a dead-looking PID of another host is
+    a live process there; only this machine's dead writers (or this machine's earlier boots) are swept."""
+    dead = _dead_pid()
+    other_host = registry.staging_dir / staging_name(dead, host="0123456789ab")
+    earlier_boot = registry.staging_dir / staging_name(dead, boot="0123456789ab")
+    legacy = registry.staging_dir / f"{dead}-deadbeef"  # an older writer's name: no host recorded
+    old_other_host = registry.staging_dir / staging_name(dead, host="ba9876543210")
+    for item in (other_host, earlier_boot, legacy, old_other_host):
+        item.mkdir()
+        (item / "card.json").write_text("{}")
+    two_days_ago = time.time() - 2 * 86400
+    for path in (old_other_host / "card.json", old_other_host):
+        os.utime(path, (two_days_ago, two_days_ago))
+    registry.publish(models[1], {})
+    assert other_host.exists() and legacy.exists()
+    assert not earlier_boot.exists() and not old_other_host.exists()
+
+
+def test_the_sweep_runs_under_the_registry_lock(registry):
+    stale = registry.staging_dir / staging_name(_dead_pid())
+    stale.mkdir()
+    swept = threading.Event()
+    with open(registry.root / ".lock", "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # another writer holds the lock
+        sweeper = threading.Thread(target=lambda: (registry.sweep(), swept.set()))
+        sweeper.start()
+        assert not swept.wait(1.0) and stale.exists()
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    assert swept.wait(10) and not stale.exists()
+    sweeper.join()
 
 
 def test_a_killed_job_is_found_by_its_token(registry, models):
@@ -207,6 +251,66 @@ def test_import_refuses_pickles_zips_and_truncated_archives(registry, tmp_path):
     with pytest.raises(CimisError, match="truncated|corrupted|not a model archive"):
         registry.import_model(truncated)
     assert registry.version_names() == ["v0001"] and not any(registry.staging_dir.iterdir())
+
+
+class _Zeros(io.RawIOBase):
+    """``size`` zero bytes, streamed (a bomb's payload, never held in memory)."""
+
+    def __init__(self, size: int):
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self.left)
+        buffer[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
+def test_a_decompression_bomb_is_refused_as_it_is_read_without_filling_staging(registry, tmp_path):
+    """Issue 14, item 11: 4 MB of gzip expanding to 4 GiB of "weights" was written and fsynced into staging
+    before the import was refused. Now the expansion ratio is watched while the archive is read."""
+    members = _version_members(registry.path("v0001"))
+    bomb = tmp_path / "bomb.tar.gz"
+    size = 160 * 2**20
+    with tarfile.open(bomb, "w:gz", compresslevel=9) as tar:
+        for name, data, _ in members:
+            if name == "weights.safetensors":
+                info = tarfile.TarInfo(name)
+                info.size = size
+                tar.addfile(info, io.BufferedReader(_Zeros(size)))
+            else:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    assert bomb.stat().st_size < size // 500
+    before = files_under(registry.root)
+    started = time.monotonic()
+    with pytest.raises(CimisError, match="decompression bomb"):
+        registry.import_model(bomb)
+    assert time.monotonic() - started < 10
+    assert files_under(registry.root) - {".lock"} == before - {".lock"}
+
+
+def test_a_tensor_file_larger_than_its_card_declares_is_refused_before_it_is_written(registry, tmp_path, monkeypatch):
+    """Incompressible bytes beyond what the card's network can need never reach the disk either."""
+    members = _version_members(registry.path("v0001"))
+    padded = [(n, d + os.urandom(2 * 2**20) if n == "weights.safetensors" else d, k) for n, d, k in members]
+    archive = _archive(tmp_path / "padded.tar.gz", padded)
+    written = []
+    real_open = open
+
+    def watching_open(file, mode="r", *args, **kwargs):
+        if "x" in str(mode):
+            written.append(Path(file).name)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", watching_open)
+    with pytest.raises(CimisError, match="more than the .* that the model its card describes can need"):
+        registry.import_model(archive)
+    assert "weights.safetensors" not in written and "card.json" in written
 
 
 def test_verify_model_folder_names_pickle_files(tmp_path, models):

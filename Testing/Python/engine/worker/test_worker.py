@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import signal
 import subprocess
@@ -242,6 +243,29 @@ def test_the_worker_deletes_only_a_cancel_file_that_appeared_while_it_ran(tmp_pa
 
 
 # ------------------------------------------------------------------------------- kill -9 and resume
+def test_too_many_threads_are_capped_and_a_cancel_before_any_checkpoint_is_resumable(kit, dataset, base_registry, tmp_path):
+    """Issue 14: ``threads: 1000000`` was accepted and the job failed after half a minute; a job cancelled
+    before its first checkpoint was reported ``resumable: false`` although ``--resume`` then runs it."""
+    job = kit.learn_job(dataset, base_registry, tmp_path / "out", iterations=5000, threads=1000000)
+    job["budget"].update(checkpoint_every=5000, val_every=5000)
+    job_file = kit.write_job(tmp_path / "learn.json", job)
+    worker = kit.Worker(job_file)
+    worker.wait_for(lambda e: e["event"] == "progress" and e["iteration"] >= 1)
+    worker.proc.send_signal(signal.SIGTERM)
+    code, events, stderr = worker.finish(timeout=30)
+    assert code == 143, stderr[-2000:]
+    capped = [e for e in events if e["event"] == "warning" and e["code"] == "threads_capped"]
+    assert len(capped) == 1 and "1000000" in capped[0]["message"]
+    device = next(e for e in events if e["event"] == "device")
+    assert 1 <= device["threads"] <= (os.cpu_count() or 1)
+    assert events[-1]["event"] == "cancelled" and events[-1]["resumable"] is True
+    assert "--resume" in events[-1]["message"]
+    job["budget"].update(iterations=2)
+    kit.write_job(job_file, job)
+    code, events, stderr = kit.run_worker(job_file, "--resume")
+    assert code == 0 and events[-1]["event"] == "done", stderr[-3000:]
+
+
 def test_kill_9_at_several_points_then_resume(kit, dataset, base_registry, tmp_path):
     """Kill the worker during data loading, after a checkpoint, at the start of the final save, while the
     new version is being staged in the registry and after it was published but before it was activated.
