@@ -133,6 +133,10 @@ def load_job(path: str | Path) -> Job:
             f"job file {path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
             "fix the JSON syntax (a trailing comma or a missing quote is the usual cause)",
         ) from None
+    except ValueError as exc:  # an integer of more than 4300 digits
+        raise CimisError(f"job file {path} is not a job file: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise CimisError(f"job file {path} is nested too deeply to be a job file") from None
     try:
         return parse_job(data, path.parent.absolute(), path.absolute())
     except CimisError as exc:
