@@ -10,6 +10,7 @@ process's own. docs/reliability.md describes the battery and its counts.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -35,7 +36,7 @@ class Row:
     job: Path | None = None
     watched: list[Path] = field(default_factory=list)
     outputs: list[Path] = field(default_factory=list)
-    fault: tuple[Path, int] | None = None
+    fault: tuple[Path, int | str] | None = None  # (folder, errno or kit.FULL_UNREPORTED)
 
 
 Build = Callable[..., Row]
@@ -332,25 +333,198 @@ def _(kit, assets, root):
     return Row(job=job, watched=[root / "in"], fault=(registry.staging_dir, kit.FULL))
 
 
+# ----------------------------------------------------------------------------- nothing lost (items 1-8)
+@row("segment: to a .nii.gz on a disk that fills up unreported", "cannot write", "is the disk full")
+def _(kit, assets, root):
+    row_ = _segment(kit, assets, root, lambda kit, folder: folder)
+    return Row(row_.argv, watched=row_.watched, outputs=row_.outputs, fault=(root / "out", kit.FULL_UNREPORTED))
+
+
+@row("segment --overwrite: to a .nii.gz on a disk that fills up unreported (the label map there is kept)",
+     "cannot write", "is the disk full")
+def _(kit, assets, root):
+    row_ = _segment(kit, assets, root, lambda kit, folder: folder)
+    (root / "out").mkdir()
+    (root / "out" / "label.nii.gz").write_bytes((assets / "label.nii.gz").read_bytes())
+    return Row([*row_.argv, "--overwrite"], watched=[*row_.watched, root / "out"],
+               fault=(root / "out", kit.FULL_UNREPORTED))
+
+
+def _nonfinite_nifti(assets, target: Path) -> Path:
+    """The phantom CT as float32 NIfTI with one NaN and one infinite voxel (ITK's reader turns NaN into 0)."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(assets / "ct.nii.gz"), sitk.sitkFloat32)
+    image[1, 2, 3], image[4, 5, 6] = float("nan"), float("inf")
+    sitk.WriteImage(image, str(target))
+    return target
+
+
+@row("segment: NIfTI input with NaN and infinite voxels", "1 NaN and 1 infinite")
+def _(kit, assets, root):
+    row_ = _segment(kit, assets, root, lambda kit, folder: folder)
+    _nonfinite_nifti(assets, root / "in" / "ct.nii.gz")
+    return row_
+
+
+@row("train: manifest whose CT has NaN and infinite voxels (NIfTI)", "ct.nii.gz", "1 NaN and 1 infinite")
+def _(kit, assets, root):
+    manifest = kit.write_manifest(root / "in" / "data", assets)
+    _nonfinite_nifti(assets, root / "in" / "data" / "ct.nii.gz")
+    return Row(_train_args(manifest, root / "out"), watched=[root / "in"], outputs=[root / "out"])
+
+
+@row("train: manifest class value above 65535", "65537", "65535")
+def _(kit, assets, root):
+    def change(text):
+        data = json.loads(text)
+        data["classes"][0]["value"] = 65537
+        return json.dumps(data)
+    return _train_on_manifest(kit, assets, root, change)
+
+
+def _segment_manifest(kit, assets, root, case_id: str) -> Row:
+    model = _model(kit, assets, root)
+    manifest = root / "in" / "manifest.json"
+    manifest.write_text(json.dumps({
+        "format": "cimis-manifest/1", "name": "escape", "classes": kit.CLASSES.to_json(),
+        "cases": [{"id": case_id, "image": str(assets / "ct.nii.gz")}], "splits": {"test": [case_id]}}))
+    # The whole row folder is watched: a prediction written outside --output would change it.
+    return Row(["segment", "--model", model, "--manifest", manifest, "--split", "test", "--output",
+                root / "out" / "pred", "--device", "cpu"], watched=[root], outputs=[root / "out"])
+
+
+@row("segment --manifest: case id ../../x", "../../x", "cannot name a file")
+def _(kit, assets, root):
+    return _segment_manifest(kit, assets, root, "../../x")
+
+
+@row("segment --manifest: an absolute case id", "elsewhere", "cannot name a file")
+def _(kit, assets, root):
+    return _segment_manifest(kit, assets, root, str(root / "elsewhere" / "x"))
+
+
+def _evaluate_args(kit, assets, root, out: Path) -> list:
+    label = root / "in" / "label.nii.gz"
+    label.write_bytes((assets / "label.nii.gz").read_bytes())
+    model = _model(kit, assets, root)
+    return ["evaluate", "--pred", label, "--ref", label, "--classes-from", model, "--out", out]
+
+
+@row("evaluate: --out holding an earlier report, no --overwrite", "already exists", "--overwrite")
+def _(kit, assets, root):
+    earlier = root / "in" / "eval"
+    earlier.mkdir(parents=True)
+    for name in ("evaluation.json", "evaluation.md", "evaluation.csv"):
+        (earlier / name).write_text(f"an earlier {name}, with the user's notes\n")
+    return Row(_evaluate_args(kit, assets, root, earlier), watched=[root / "in"])
+
+
+@row("evaluate: --out naming a file", "notes.txt", "is a file")
+def _(kit, assets, root):
+    notes = root / "in" / "notes.txt"
+    notes.parent.mkdir(parents=True)
+    notes.write_text("a user's notes\n")
+    return Row(_evaluate_args(kit, assets, root, notes), watched=[root / "in"])
+
+
+@row("demo --overwrite: --out a folder that is not a demo's", "does not hold an earlier demo")
+def _(kit, assets, root):
+    folder = root / "in" / "mine"
+    folder.mkdir(parents=True)
+    (folder / "scan.nii.gz").write_bytes((assets / "ct.nii.gz").read_bytes())
+    return Row(["demo", "--out", folder, "--overwrite", "--device", "cpu"], watched=[root / "in"])
+
+
+@row("story --overwrite: --out a folder that is not a story's", "does not hold an earlier story")
+def _(kit, assets, root):
+    totalseg = root / "in" / "totalseg"  # only the file names are checked before --out
+    totalseg.mkdir(parents=True)
+    (totalseg / "example_ct.nii.gz").write_bytes((assets / "ct.nii.gz").read_bytes())
+    (totalseg / "example_seg_total_v2.nii.gz").write_bytes((assets / "label.nii.gz").read_bytes())
+    folder = root / "in" / "mine"
+    folder.mkdir()
+    (folder / "scan.nii.gz").write_bytes((assets / "ct.nii.gz").read_bytes())
+    return Row(["story", "--totalseg", totalseg, "--out", folder, "--overwrite", "--device", "cpu"],
+               watched=[root / "in"])
+
+
+@row("train: --workers -1", "--workers")
+def _(kit, assets, root):
+    manifest = kit.write_manifest(root / "in" / "data", assets)
+    return Row([*_train_args(manifest, root / "out"), "--workers", "-1"], watched=[root / "in"], outputs=[root / "out"])
+
+
+@row("train: --lr nan", "--lr")
+def _(kit, assets, root):
+    manifest = kit.write_manifest(root / "in" / "data", assets)
+    return Row([*_train_args(manifest, root / "out"), "--lr", "nan"], watched=[root / "in"], outputs=[root / "out"])
+
+
+def _good_segment_job(kit, assets, root, **changes) -> tuple[Path, dict]:
+    registry = _registry(kit, assets, root)
+    image = root / "in" / "ct.nii.gz"
+    image.write_bytes((assets / "ct.nii.gz").read_bytes())
+    job = {"format": "cimis-job/1", "kind": "segment", "id": "seg", "registry": str(registry.root),
+           "output": str(root / "out"), "device": "cpu", "threads": 1, "data": {"images": [str(image)]}, **changes}
+    path = root / "in" / "job.json"
+    path.write_text(json.dumps(job))
+    return path, job
+
+
+@row("worker job: cancel_file naming the job's own input CT", "cancel_file", "not inside the output folder")
+def _(kit, assets, root):
+    job, _ = _good_segment_job(kit, assets, root, cancel_file=str(root / "in" / "ct.nii.gz"))
+    return Row(job=job, watched=[root / "in"], outputs=[root / "out"])
+
+
+@row("worker job: cancel_file naming a user's file in the output folder", "cancel_file", "already exists")
+def _(kit, assets, root):
+    (root / "out").mkdir()
+    (root / "out" / "notes.txt").write_text("a user's notes\n")
+    job, _ = _good_segment_job(kit, assets, root, cancel_file=str(root / "out" / "notes.txt"))
+    return Row(job=job, watched=[root / "in", root / "out"])
+
+
+@row("worker job: output folder holding a user's tmp folder", "tmp folder that is not the job's")
+def _(kit, assets, root):
+    (root / "out" / "tmp").mkdir(parents=True)
+    (root / "out" / "tmp" / "notes.txt").write_text("a user's notes\n")
+    job, _ = _good_segment_job(kit, assets, root)
+    return Row(job=job, watched=[root / "in", root / "out"])
+
+
+@row("worker job: job file with a 5000-digit integer", "job file", "4300")
+def _(kit, assets, root):
+    job, _ = _good_segment_job(kit, assets, root)
+    job.write_text(_with_extra_json(job.read_text(), HUGE_INTEGER))
+    return Row(job=job, watched=[root / "in"], outputs=[root / "out"])
+
+
+@row("worker job: job file nested 100000 deep", "job file", "nested too deeply")
+def _(kit, assets, root):
+    job, _ = _good_segment_job(kit, assets, root)
+    job.write_text(_with_extra_json(job.read_text(), DEEP))
+    return Row(job=job, watched=[root / "in"], outputs=[root / "out"])
+
+
 # ------------------------------------------------------------------------------------------- running
 def _run_in_process(row: Row, kit, capsys) -> tuple[int, str]:
+    fault = kit.fault_on(*row.fault) if row.fault is not None else contextlib.nullcontext()
     if row.job is not None:
         events = io.StringIO()
-        if row.fault is not None:
-            with kit.disk_fault(*row.fault):
-                code = run_job(row.job, out=events)
-        else:
+        with fault:
             code = run_job(row.job, out=events)
         lines = [json.loads(line) for line in events.getvalue().splitlines()]
         errors = [e for e in lines if e["event"] == "error"]
         assert all(e["kind"] == "user" for e in errors), errors
         stderr = capsys.readouterr().err
         return code, stderr + "".join(f"error: {e['message']} ({e.get('hint')})\n" for e in errors)
-    if row.fault is not None:
-        with kit.disk_fault(*row.fault):
+    with fault:
+        try:
             code = main([str(a) for a in row.argv])
-    else:
-        code = main([str(a) for a in row.argv])
+        except SystemExit as exc:  # a mistake argparse finds: it exits with the status itself
+            code = exc.code
     return code, capsys.readouterr().err
 
 
