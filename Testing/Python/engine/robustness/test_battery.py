@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import SimpleITK as sitk
 import torch
 
 import cimis
@@ -352,8 +353,6 @@ def _(kit, assets, root):
 
 def _nonfinite_nifti(assets, target: Path) -> Path:
     """The phantom CT as float32 NIfTI with one NaN and one infinite voxel (ITK's reader turns NaN into 0)."""
-    import SimpleITK as sitk
-
     image = sitk.ReadImage(str(assets / "ct.nii.gz"), sitk.sitkFloat32)
     image[1, 2, 3], image[4, 5, 6] = float("nan"), float("inf")
     sitk.WriteImage(image, str(target))
@@ -376,9 +375,9 @@ def _(kit, assets, root):
 
 @row("train: manifest class value above 65535", "65537", "65535")
 def _(kit, assets, root):
-    def change(text):
+    def change(text):  # stored as uint16, 65537 would be trained as class 1 (spleen)
         data = json.loads(text)
-        data["classes"][0]["value"] = 65537
+        data["classes"].append({"name": "large value", "value": 65537})
         return json.dumps(data)
     return _train_on_manifest(kit, assets, root, change)
 
@@ -461,7 +460,7 @@ def _(kit, assets, root):
     return Row([*_train_args(manifest, root / "out"), "--lr", "nan"], watched=[root / "in"], outputs=[root / "out"])
 
 
-def _good_segment_job(kit, assets, root, **changes) -> tuple[Path, dict]:
+def _good_segment_job(kit, assets, root, **changes) -> Path:
     registry = _registry(kit, assets, root)
     image = root / "in" / "ct.nii.gz"
     image.write_bytes((assets / "ct.nii.gz").read_bytes())
@@ -469,12 +468,12 @@ def _good_segment_job(kit, assets, root, **changes) -> tuple[Path, dict]:
            "output": str(root / "out"), "device": "cpu", "threads": 1, "data": {"images": [str(image)]}, **changes}
     path = root / "in" / "job.json"
     path.write_text(json.dumps(job))
-    return path, job
+    return path
 
 
 @row("worker job: cancel_file naming the job's own input CT", "cancel_file", "not inside the output folder")
 def _(kit, assets, root):
-    job, _ = _good_segment_job(kit, assets, root, cancel_file=str(root / "in" / "ct.nii.gz"))
+    job = _good_segment_job(kit, assets, root, cancel_file=str(root / "in" / "ct.nii.gz"))
     return Row(job=job, watched=[root / "in"], outputs=[root / "out"])
 
 
@@ -482,7 +481,7 @@ def _(kit, assets, root):
 def _(kit, assets, root):
     (root / "out").mkdir()
     (root / "out" / "notes.txt").write_text("a user's notes\n")
-    job, _ = _good_segment_job(kit, assets, root, cancel_file=str(root / "out" / "notes.txt"))
+    job = _good_segment_job(kit, assets, root, cancel_file=str(root / "out" / "notes.txt"))
     return Row(job=job, watched=[root / "in", root / "out"])
 
 
@@ -490,20 +489,20 @@ def _(kit, assets, root):
 def _(kit, assets, root):
     (root / "out" / "tmp").mkdir(parents=True)
     (root / "out" / "tmp" / "notes.txt").write_text("a user's notes\n")
-    job, _ = _good_segment_job(kit, assets, root)
+    job = _good_segment_job(kit, assets, root)
     return Row(job=job, watched=[root / "in", root / "out"])
 
 
 @row("worker job: job file with a 5000-digit integer", "job file", "4300")
 def _(kit, assets, root):
-    job, _ = _good_segment_job(kit, assets, root)
+    job = _good_segment_job(kit, assets, root)
     job.write_text(_with_extra_json(job.read_text(), HUGE_INTEGER))
     return Row(job=job, watched=[root / "in"], outputs=[root / "out"])
 
 
 @row("worker job: job file nested 100000 deep", "job file", "nested too deeply")
 def _(kit, assets, root):
-    job, _ = _good_segment_job(kit, assets, root)
+    job = _good_segment_job(kit, assets, root)
     job.write_text(_with_extra_json(job.read_text(), DEEP))
     return Row(job=job, watched=[root / "in"], outputs=[root / "out"])
 
