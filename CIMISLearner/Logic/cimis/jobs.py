@@ -133,10 +133,12 @@ def load_job(path: str | Path) -> Job:
             f"job file {path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
             "fix the JSON syntax (a trailing comma or a missing quote is the usual cause)",
         ) from None
-    except ValueError as exc:  # an integer of more than 4300 digits
-        raise CimisError(f"job file {path} is not a job file: {str(exc)[:200]}") from None
+    except ValueError:  # json refuses integers of more than 4300 digits with a ValueError
+        raise CimisError(f"job file {path} holds a number too long to be a job setting",
+                         "write a job file as docs/worker-protocol.md describes") from None
     except RecursionError:
-        raise CimisError(f"job file {path} is nested too deeply to be a job file") from None
+        raise CimisError(f"job file {path} is nested too deeply to be a job file",
+                         "write a job file as docs/worker-protocol.md describes") from None
     try:
         return parse_job(data, path.parent.absolute(), path.absolute())
     except CimisError as exc:
