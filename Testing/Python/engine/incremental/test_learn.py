@@ -156,8 +156,10 @@ def test_learn_command_passes_its_options_to_the_step(base, tmp_path, capsys):
     step0_lr = load_model(model)[1].history[0]["config"]["learning_rate"]
     assert step["config"]["learning_rate"] == pytest.approx(0.5 * step0_lr)
 
-    code = main(["learn", "--model", str(model), "--manifest", str(tmp_path / "m.json"),
-                 "--out", str(tmp_path / "run2"), "--lambda-f", "-1", "--device", "cpu"])
+    # The command line refuses a negative weight itself (argparse exits), before any step starts.
+    with pytest.raises(SystemExit) as exited:
+        main(["learn", "--model", str(model), "--manifest", str(tmp_path / "m.json"),
+              "--out", str(tmp_path / "run2"), "--lambda-f", "-1", "--device", "cpu"])
     err = capsys.readouterr().err
-    assert code == 2 and "lambda_f must be a number of at least 0" in err and "Traceback" not in err
+    assert exited.value.code == 2 and "--lambda-f: expected a number of at least 0" in err and "Traceback" not in err
     assert not (tmp_path / "run2").exists()
