@@ -11,6 +11,7 @@ import SimpleITK as sitk
 from cimis.data.io import (
     check_id_as_file_name,
     copy_geometry,
+    csv_writer_atomic,
     geometry_summary,
     read_image,
     same_geometry,
@@ -265,3 +266,17 @@ def test_geometry_helpers(make_image):
     assert same_geometry(a, copy_geometry(a, b))
     with pytest.raises(CimisError):
         copy_geometry(a, make_image(np.zeros((2, 2, 2), np.int16)))
+
+
+def test_csv_report_is_replaced_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "report_summary.csv"
+    with csv_writer_atomic(path) as writer:
+        writer.writerow(["method", "dice"])
+        writer.writerow(["ft", "=0.5"])
+    assert path.read_bytes() == b"method,dice\r\nft,=0.5\r\n"
+    with pytest.raises(RuntimeError):
+        with csv_writer_atomic(path) as writer:
+            writer.writerow(["method", "dice"])
+            raise RuntimeError("the run died while the report was being written")
+    assert path.read_bytes() == b"method,dice\r\nft,=0.5\r\n"  # the earlier report, not a torn one
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no partial file left behind

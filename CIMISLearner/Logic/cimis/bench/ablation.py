@@ -7,12 +7,12 @@ variant's change in mean Dice over all classes against the full method.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 from cimis.bench.config import write_json_atomic
 from cimis.bench.methods import inert_switches, parse_method
 from cimis.bench.report import GROUP_TITLES, GROUPS, BenchReport, _cell, _csv
+from cimis.data.io import csv_writer_atomic, write_text_atomic
 from cimis.metrics import format_class_table
 
 FULL_METHOD = "pgcd-dapd"
@@ -73,13 +73,12 @@ def write_ablation(report: BenchReport, out: Path) -> dict[str, Path]:
             + "; each row turns one switch off.\n\n"
             + format_class_table(table, columns, "variant") + "\n" + _inert_note())
     paths = {"ablation_md": out / "ablation.md"}
-    paths["ablation_md"].write_text(text)
+    write_text_atomic(paths["ablation_md"], text, overwrite=True)
     paths["ablation_json"] = write_json_atomic(out / "ablation.json", {
         "step": report.last_step, "full_method": FULL_METHOD,
         "rows": {m: {**{g: {k: v for k, v in row[g].items() if k != "seeds"} for g in GROUPS},
                      "delta_all": row["delta_all"], "title": variant_title(m)} for m, row in rows.items()}})
-    with (out / "ablation.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
+    with csv_writer_atomic(out / "ablation.csv") as writer:
         writer.writerow(["method", "variant", *[f"{g}_mean" for g in GROUPS], *[f"{g}_std" for g in GROUPS], "delta_all"])
         for m, row in rows.items():
             writer.writerow([m, variant_title(m), *[_csv(row[g]["mean"]) for g in GROUPS],

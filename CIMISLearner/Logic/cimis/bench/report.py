@@ -16,7 +16,6 @@ memory (the largest over its units), each also as a ratio to ``ft``'s.
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 from cimis.bench.config import write_json_atomic
 from cimis.bench.results import BASE, Unit, unit_for
 from cimis.bench.schedule import Schedule
+from cimis.data.io import csv_writer_atomic, write_text_atomic
 from cimis.metrics import format_class_table
 
 REPORT_FORMAT = "cimis-bench-report/1"
@@ -321,15 +321,14 @@ class BenchReport:
         """Write report.md, report.json, report_per_class.csv and report_summary.csv into ``out``."""
         out = Path(out)
         paths = {"md": out / "report.md"}
-        paths["md"].write_text(self.to_markdown())
+        write_text_atomic(paths["md"], self.to_markdown(), overwrite=True)
         paths["json"] = write_json_atomic(out / "report.json", self.to_json())
         paths["per_class_csv"] = self._write_per_class_csv(out / "report_per_class.csv")
         paths["summary_csv"] = self._write_summary_csv(out / "report_summary.csv")
         return paths
 
     def _write_per_class_csv(self, path: Path) -> Path:
-        with path.open("w", newline="") as f:
-            writer = csv.writer(f)
+        with csv_writer_atomic(path) as writer:
             writer.writerow(["seed", "method", "step", "class", "learned_at_step", "dice"])
             for seed in self.seeds:
                 for m in self.methods:
@@ -343,8 +342,7 @@ class BenchReport:
         return path
 
     def _write_summary_csv(self, path: Path) -> Path:
-        with path.open("w", newline="") as f:
-            writer = csv.writer(f)
+        with csv_writer_atomic(path) as writer:
             writer.writerow(["method", "step", "figure", "mean", "std", "n_seeds"])
             for m, by_step in self.summary().items():
                 for t, row in by_step.items():

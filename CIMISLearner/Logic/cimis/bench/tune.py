@@ -25,6 +25,7 @@ import numpy as np
 
 from cimis.bench.config import write_json_atomic
 from cimis.bench.results import BASE, Unit
+from cimis.data.io import write_text_atomic
 from cimis.errors import CimisError
 from cimis.incremental.base import StepOptions
 from cimis.incremental.method_settings import FORMAT as SETTINGS_FORMAT
@@ -209,8 +210,8 @@ def _write(bench, grid: TuneGrid, results: list[TuneResult], seed: int) -> dict[
         rows[f"{r.method} {r.candidate.key}{mark}"] = {"old": r.old, "new": r.new, "all (score)": r.score}
     table = format_class_table(rows, ["old", "new", "all (score)"], "method, candidate")
     paths["md"] = out / "tune.md"
-    paths["md"].write_text(f"# Tuning on the validation split\n\n{protocol}.\n\n{table}\n\n"
-                           f"Chosen settings: `{TUNED_SETTINGS}` (use with `--method-settings`).\n")
+    write_text_atomic(paths["md"], f"# Tuning on the validation split\n\n{protocol}.\n\n{table}\n\n"
+                           f"Chosen settings: `{TUNED_SETTINGS}` (use with `--method-settings`).\n", overwrite=True)
     return paths
 
 

@@ -8,7 +8,9 @@ written into a hidden staging folder beside the destination and moved into place
 from __future__ import annotations
 
 import contextlib
+import csv
 import gzip
+import io
 import json
 import os
 import re
@@ -330,6 +332,15 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
+
+
+@contextlib.contextmanager
+def csv_writer_atomic(path: PathLike):
+    """A ``csv.writer`` whose rows replace ``path`` in one atomic write when the block ends: a report that
+    is rewritten by every run (and may be open in a spreadsheet) is never left torn or empty."""
+    buffer = io.StringIO(newline="")
+    yield csv.writer(buffer)
+    write_text_atomic(path, buffer.getvalue(), overwrite=True)
 
 
 def write_text_atomic(path: PathLike, text: str, overwrite: bool = False) -> Path:
