@@ -17,6 +17,7 @@ from cimis.data.classes import ClassSet, default_color
 from cimis.errors import CimisError
 from cimis_slicer import CLASS_VALUE_TAG, NEW_CLASS_TAG, NEW_STRUCTURE_TAG, VERSION_ATTRIBUTE
 from cimis_slicer.context import SlicerContext, temporary_nodes
+from cimis_slicer.terminology import set_terminology
 from cimis_slicer.volumes import (VolumeGeometry, add_volume_from_array, array_from_volume,
                                   check_not_transformed, geometry_of)
 
@@ -72,7 +73,9 @@ def add_new_structures(context: SlicerContext, volume_node, names: list[str], kn
     for i, name in enumerate(names):
         color = [c / 255 for c in default_color(offset + i)]
         segment_id = segmentation_node.GetSegmentation().AddEmptySegment("", name, color)
-        segmentation_node.GetSegmentation().GetSegment(segment_id).SetTag(NEW_STRUCTURE_TAG, "true")
+        segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+        segment.SetTag(NEW_STRUCTURE_TAG, "true")
+        set_terminology(segment, name)
     return segmentation_node
 
 
@@ -185,8 +188,8 @@ def import_label_array(context: SlicerContext, label_array: np.ndarray, volume_n
 
 
 def _finish_segments(segmentation_node, classes: ClassSet, new_names: set[str]) -> None:
-    """Tag each imported segment with its class value and newness; add empty segments for absent classes,
-    so the list always shows every class the model knows."""
+    """Tag each imported segment with its class value, newness and standard organ code; add empty segments
+    for absent classes, so the list always shows every class the model knows."""
     segmentation = segmentation_node.GetSegmentation()
     present = {s.name: s.id for s in segments_of(segmentation_node)}
     for c in classes:
@@ -197,6 +200,7 @@ def _finish_segments(segmentation_node, classes: ClassSet, new_names: set[str]) 
         segment = segmentation.GetSegment(segment_id)
         segment.SetTag(CLASS_VALUE_TAG, str(c.value))
         segment.SetTag(NEW_CLASS_TAG, "true" if c.name.lower() in new_names else "false")
+        set_terminology(segment, c.name)
 
 
 def paint_segment(context: SlicerContext, segmentation_node, segment_id: str, mask: np.ndarray, volume_node) -> None:
