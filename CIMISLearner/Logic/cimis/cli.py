@@ -208,11 +208,18 @@ def cmd_demo(args) -> None:
 
 
 def cmd_story(args) -> None:
-    from cimis.realct import run_real_ct_story
+    from cimis.realct import run_manifest_story, run_real_ct_story
 
     budgets = {k: v for k, v in (("base_iterations", args.base_iterations),
                                  ("step_iterations", args.step_iterations)) if v is not None}
-    run_real_ct_story(Path(args.totalseg), Path(args.out), device=args.device, overwrite=args.overwrite, **budgets)
+    if args.manifest:
+        run_manifest_story(Path(args.manifest), Path(args.out), args.old, args.new, args.spacing,
+                           device=args.device, overwrite=args.overwrite, **budgets)
+    else:
+        if args.old or args.new or args.spacing:
+            raise CimisError("--old, --new and --spacing apply to --manifest",
+                             "the --totalseg story uses its fixed organs and the CT's 3 mm spacing")
+        run_real_ct_story(Path(args.totalseg), Path(args.out), device=args.device, overwrite=args.overwrite, **budgets)
 
 
 def cmd_bench(args) -> None:
@@ -339,9 +346,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after training on all 13 organs and segmenting the held-out phantom")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("story", help="the incremental story on the real CT of shared/data/totalseg_example: "
-                                     "how much of each old organ survives a step with ft and pgcd-dapd")
-    p.add_argument("--totalseg", required=True, help="the totalseg_example folder")
+    p = sub.add_parser("story", help="the incremental story on real CT: how much of each old organ survives a "
+                                     "step with ft and pgcd-dapd (shared/data/totalseg_example, or any labelled "
+                                     "dataset across patients)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--totalseg", help="the totalseg_example folder (one CT: trained and scored on it)")
+    source.add_argument("--manifest", help="a dataset's manifest (cimis manifest): trained on its 'train' split, "
+                                           "scored on its 'test' split")
+    p.add_argument("--old", type=_names, help="--manifest: step 0's organs (default: spleen, kidneys, liver, stomach)")
+    p.add_argument("--new", type=_names, help="--manifest: the step's organs (default: aorta, inferior vena cava, "
+                                              "gallbladder, pancreas)")
+    p.add_argument("--spacing", type=_floats, help="--manifest: model spacing in mm (default 3,3,3)")
     p.add_argument("--out", default="real_ct_story")
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier story's output")

@@ -124,3 +124,71 @@ def test_story_and_demo_replace_only_their_own_earlier_output(capsys, totalseg_f
     # A demo folder is not a story folder: story --overwrite refuses it.
     with pytest.raises(CimisError, match="earlier story"):
         prepare_output(earlier, True, "story", ".cimis-story", ("x",))
+
+
+# ------------------------------------------------------------------- the story across patients (--manifest)
+
+
+@pytest.fixture(scope="module")
+def phantom_dataset(tmp_path_factory):
+    """Four BTCV phantoms standing in for a published dataset: 2 train, 1 val, 1 test."""
+    folder = tmp_path_factory.mktemp("dataset")
+    assert main(["phantom", "--out", str(folder), "--cases", "4", "--spacing", "6", "--val-cases", "1",
+                 "--test-cases", "1"]) == 0
+    return folder / "manifest.json"
+
+
+def test_story_on_a_manifest_trains_on_train_and_scores_on_other_patients(capsys, phantom_dataset, tmp_path):
+    from cimis.data.manifest import Manifest
+
+    out = tmp_path / "story"
+    code = main(["story", "--manifest", str(phantom_dataset), "--out", str(out), "--device", "cpu",
+                 "--old", "liver,spleen", "--new", "stomach", "--spacing", "6",
+                 "--base-iterations", "1", "--step-iterations", "1"])
+    assert code == 0, capsys.readouterr().err
+    assert "held-out data" in (out / "story.md").read_text()
+    survival = (out / "survival.md").read_text()
+    assert [line.split("|")[1].strip() for line in survival.splitlines()[4:]] == ["spleen", "liver"]  # the dataset's class order
+    dataset = Manifest.load(phantom_dataset)
+    scored = sorted(p.name for p in (out / "ft" / "predictions").iterdir())
+    assert scored == [f"{case_id}.nii.gz" for case_id in dataset.splits["test"]]  # only the held-out patient
+    assert not set(dataset.splits["test"]) & set(dataset.splits["train"])
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--old", "liver", "--new", "brain"], "has no class 'brain'"),
+    (["--old", "liver", "--new", "liver"], "both old and new"),
+    (["--spacing", "0"], "expected 3 positive numbers"),
+])
+def test_story_on_a_manifest_refuses_bad_choices_before_writing(capsys, phantom_dataset, tmp_path, arguments, message):
+    out = tmp_path / "story"
+    with pytest.raises(SystemExit) if "--spacing" in arguments else _no_exit():
+        code = main(["story", "--manifest", str(phantom_dataset), "--out", str(out), *arguments])
+        assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_story_without_test_cases_or_with_both_sources_is_refused(capsys, phantom_dataset, totalseg_folder, tmp_path):
+    from cimis.data.manifest import Manifest
+
+    dataset = Manifest.load(phantom_dataset)
+    no_test = Manifest(dataset.name, dataset.classes, dataset.cases, {"train": dataset.splits["train"]}, dataset.root)
+    path = no_test.save(tmp_path / "no_test.json")
+    assert main(["story", "--manifest", str(path), "--out", str(tmp_path / "a")]) == 2
+    assert "no 'test' cases" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["story", "--manifest", str(phantom_dataset), "--totalseg", str(totalseg_folder)])
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert main(["story", "--totalseg", str(totalseg_folder), "--old", "liver", "--out", str(tmp_path / "b")]) == 2
+    assert "apply to --manifest" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+class _no_exit:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
