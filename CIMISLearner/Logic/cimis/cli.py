@@ -1,5 +1,5 @@
 """The ``cimis`` command: ``phantom``, ``manifest``, ``train``, ``learn``, ``segment``, ``evaluate``, ``demo``, ``story``,
-``bench`` (cimis/bench/), ``worker`` (one job file, JSON events on stdout: cimis/worker.py) and ``models`` (the registry: cimis/registry.py).
+``bench`` (cimis/bench/), ``worker`` (one job file, JSON events on stdout: cimis/worker/) and ``models`` (the registry: cimis/registry/).
 
 Every subcommand turns user mistakes into one ``error: ...`` line on stderr and exit status 2; warnings
 are one ``warning: ...`` line each. Tracebacks are for bugs only.
@@ -9,70 +9,21 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 import warnings
 from pathlib import Path
 
+from cimis.arguments import (  # the option value types, shared with cimis bench (bench/command.py)
+    count as _count,
+    floats as _floats,
+    ints as _ints,
+    names as _names,
+    non_negative_number as _non_negative_number,
+    positive_number as _positive_number,
+    window as _window,
+)
 from cimis.errors import CimisError, printable, user_error_in
-
-
-def _floats(text: str, n: int = 3) -> list[float]:
-    try:
-        values = [float(x) for x in text.replace("x", ",").split(",") if x]
-    except ValueError:
-        values = []
-    if len(values) == 1:
-        values = values * n
-    if len(values) != n or not all(math.isfinite(v) and v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected {n} positive numbers like 1.5,1.5,2, got {text!r}")
-    return values
-
-
-def _window(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        values = []
-    if len(values) != 2 or not all(math.isfinite(v) for v in values) or values[0] >= values[1]:
-        raise argparse.ArgumentTypeError(f"expected LOW,HIGH in HU with LOW < HIGH, like -175,250, got {text!r}")
-    return values
-
-
-def _count(minimum: int):
-    """An argparse type: an integer of at least ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer of at least {minimum}, got {text!r}")
-        return value
-
-    return parse
-
-
-def _positive_number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _non_negative_number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a number of at least 0, got {text!r}")
-    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,17 +32,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         print(f"error: {self.prog}: {printable(message)} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
-
-
-def _ints(text: str, n: int = 3) -> list[int]:
-    values = _floats(text, n)
-    if any(v != int(v) for v in values):
-        raise argparse.ArgumentTypeError(f"expected {n} positive whole numbers like 96,96,64, got {text!r}")
-    return [int(v) for v in values]
-
-
-def _names(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 # --------------------------------------------------------------------------------------------- commands

@@ -11,6 +11,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
+from cimis.arguments import floats, ints  # the same number parsing as the other subcommands
 from cimis.errors import CimisError
 
 
@@ -36,8 +37,6 @@ def _words(text: str) -> tuple[str, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from cimis.cli import _floats, _ints  # the same number parsing as the other subcommands
-
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true",
                       help="phantoms on the CPU: BTCV 7-3, all methods, one seed (about 30 minutes on 2 cores)")
@@ -73,8 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-lr", type=float, help="default: cimis learn's (step 0's)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--network", choices=["small", "dynunet"])
-    p.add_argument("--spacing", type=_floats, help="model-space spacing in mm")
-    p.add_argument("--patch", type=_ints, help="patch size in voxels")
+    p.add_argument("--spacing", type=floats, help="model-space spacing in mm")
+    p.add_argument("--patch", type=ints, help="patch size in voxels")
     p.add_argument("--phantom-variant", choices=["btcv", "word"], help="phantoms with the 13 BTCV or 16 WORD organs")
     p.add_argument("--phantom-cases", type=int, help="phantoms to generate (train + val + test)")
     p.add_argument("--phantom-spacing", type=float, help="phantom voxel size in mm")
