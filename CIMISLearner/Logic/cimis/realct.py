@@ -74,11 +74,11 @@ def run_manifest_story(manifest_path: Path, out: Path, old: list[str] | None = N
     if set(old) & set(new):
         raise CimisError(f"{', '.join(sorted(set(old) & set(new)))} is both old and new", "give each organ once")
     for split in ("train", "test"):
-        if not manifest.cases_in(split):
+        if not manifest.splits.get(split):
             raise CimisError(f"{manifest_path} has no {split!r} cases",
                              "the story trains on the 'train' split and scores on the 'test' split")
     prepare_output(out, overwrite, "story", STORY_MARKER, STORY_ENTRIES)
-    if not manifest.cases_in("val"):  # validation only picks the checkpoint to keep: the training data will do
+    if not manifest.splits.get("val"):  # validation only picks the checkpoint to keep: the training data will do
         manifest = replace(manifest, splits={**manifest.splits, "val": manifest.splits["train"]})
     manifest_path = manifest.save(out / "manifest.json", overwrite=True)
     preprocess = PreprocessConfig(spacing=list(spacing or REAL_CT_SPACING), patch_size=REAL_CT_PATCH)
