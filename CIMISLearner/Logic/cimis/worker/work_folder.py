@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
-import uuid
 from pathlib import Path
 
 from cimis.errors import CimisError
@@ -114,9 +112,8 @@ class WorkFolder:
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """The job's state or result file, replaced atomically and fsynced: after a power cut the file holds the
+    old or the new content, never a torn one (a torn result would hide a published version)."""
+    from cimis.data.io import write_json_atomic
+
+    write_json_atomic(path, jsonable(data), overwrite=True)

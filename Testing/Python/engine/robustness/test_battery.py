@@ -318,6 +318,14 @@ for _name in ("NaN weights", "bool weights", "network of 3.4 PB", "card nested 1
         lambda kit, assets, root, damage=_damage: _segment_job(kit, assets, root, damage))
 
 
+@row("worker segment job: label maps to a disk that fills up unreported", "cannot write", "is the disk full")
+def _(kit, assets, root):
+    row_ = _segment_job(kit, assets, root, lambda kit, folder: folder)
+    # The job's state file stays (it records the failure for the panel); no label map, empty or not, may.
+    return Row(job=row_.job, watched=row_.watched, outputs=[root / "out" / "labels"],
+               fault=(root / "out", kit.FULL_UNREPORTED))
+
+
 @row("worker train job: publishing into a registry on a full disk", "no space left")
 def _(kit, assets, root):
     registry = _registry(kit, assets, root)
