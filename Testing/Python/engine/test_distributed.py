@@ -87,9 +87,11 @@ def test_two_ranks_reduce_to_the_one_process_step(tmp_path):
 # ----------------------------------------------------------------------- 2. cimis learn --nproc 2
 @pytest.fixture(scope="module")
 def step(tmp_path_factory):
-    """A phantom dataset (2 training cases) and an untrained tiny base model with its prototypes."""
+    """A phantom dataset (2 training cases, nothing to validate on) and an untrained tiny base model with its
+    prototypes."""
     root = tmp_path_factory.mktemp("ddp")
-    manifest_path = write_phantom_dataset(root / "ds", num_cases=4, spacing=(8.0, 8.0, 8.0), seed=11, progress=False)
+    manifest_path = write_phantom_dataset(root / "ds", num_cases=2, spacing=(8.0, 8.0, 8.0), seed=11, val_cases=0,
+                                          test_cases=0, progress=False)
     manifest = Manifest.load(manifest_path)
     classes = manifest.classes.subset(BASE)
     config = TrainConfig(iterations=3, batch_size=2, samples_per_volume=1, augment=False, device="cpu",
@@ -107,20 +109,23 @@ def step(tmp_path_factory):
 
 def _learn_args(manifest: Path, base: Path, out: Path) -> list[str]:
     return ["learn", "--model", str(base), "--manifest", str(manifest), "--out", str(out), "--new-classes", NEW,
-            "--iterations", "3", "--checkpoint-every", "1", "--val-every", "3", "--device", "cpu"]
+            "--iterations", "3", "--checkpoint-every", "1", "--device", "cpu"]
 
 
-def test_a_dead_rank_stops_the_run_and_resume_gives_the_one_process_model(step, tmp_path, capsys):
+def test_a_dead_rank_stops_the_run_and_resume_gives_the_one_process_model(step, tmp_path, capsys, monkeypatch):
     root, manifest, base = step
     run = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "cimis.cli", *_learn_args(manifest, base, run), "--nproc", "2"],
-                          env=_env(CIMIS_DISTRIBUTED_STOP_AT="1:2"), capture_output=True, text=True, timeout=300)
-    # Rank 0's progress bar (tqdm: carriage returns, no newline) may precede the line.
-    errors = ["error:" + line for line in done.stderr.split("error:")[1:]]
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert errors == ["error: training process 1 of 2 was killed by SIGKILL; the others were stopped "
-                      "(run the same command with --resume to continue from its last checkpoint)\n"], done.stderr[-3000:]
-    assert "Traceback" not in done.stderr
+    for key, value in _env(CIMIS_DISTRIBUTED_STOP_AT="1:2").items():
+        monkeypatch.setenv(key, value)
+    # The launcher runs here (the ranks are its subprocesses, their output goes to the test's file
+    # descriptors); a one-core CI machine still gets two ranks.
+    monkeypatch.setattr("cimis.launch.check_nproc", lambda nproc, device: None)
+    code = main([*_learn_args(manifest, base, run), "--nproc", "2"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == ("error: training process 1 of 2 was killed by SIGKILL; the others were stopped "
+                   "(run the same command with --resume to continue from its last checkpoint)\n")
+    monkeypatch.delenv("CIMIS_DISTRIBUTED_STOP_AT")
     assert not (run / "model").exists()
     state = (run / "checkpoint" / "state.json").read_text()
     assert '"iteration": 2' in state
