@@ -46,7 +46,7 @@ def main() -> None:
                    "--val-every", str(args.iterations), "--checkpoint-every", str(args.iterations), "--overwrite",
                    "--nproc", str(nproc)]
         started = time.perf_counter()
-        subprocess.run(command, check=True, stderr=subprocess.DEVNULL)
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wall = time.perf_counter() - started
         card = json.loads((run / "model" / "card.json").read_text())
         seconds = card["history"][-1]["seconds_per_iteration"]
