@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from cimis.errors import CimisError, printable, user_error_in
-from cimis.launch import RANK_ERRORS_ENV
+from cimis.launch import launch_ranks, lost_peer, report_error, reports_result
 
 
 def _floats(text: str, n: int = 3) -> list[float]:
@@ -114,26 +114,6 @@ def cmd_manifest(args) -> None:
     print(f"{kind} dataset, {len(manifest.cases)} cases ({counts}), {len(manifest.classes)} classes -> {args.out}")
 
 
-def _launch_ranks(args) -> bool:
-    """``--nproc N``: start N ranks of this very command (cimis/launch.py), wait for them, report; True when
-    done so. Under torchrun the command is one of the ranks and runs on (cimis/distributed.py)."""
-    from cimis import distributed
-
-    if distributed.launched():
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-        if args.nproc not in (None, per_node):
-            raise CimisError(f"--nproc {args.nproc} differs from torchrun's {per_node} processes",
-                             "give --nproc or start with torchrun, not both")
-        return False
-    if (args.nproc or 1) == 1:
-        return False
-    from cimis.launch import launch
-
-    launch(args.argv, args.nproc, args.device, args.out)
-    print(f"model written to {Path(args.out) / 'model'}")
-    return True
-
-
 def cmd_train(args) -> None:
     from cimis import distributed
     from cimis.data.manifest import Manifest
@@ -149,12 +129,12 @@ def cmd_train(args) -> None:
         augment=not args.no_augment, val_every=args.val_every or max(args.iterations // 4, 1),
         checkpoint_every=args.checkpoint_every or max(args.iterations // 4, 1),
     )
-    if _launch_ranks(args):
+    if launch_ranks(args):  # --nproc: this process starts the ranks (docs/distributed.md)
         return
     with distributed.process_group(args.device):
         model = train_model(manifest, args.out, classes, args.network, preprocess, config, resume=args.resume,
                             overwrite=args.overwrite)
-        if distributed.is_main() and not os.environ.get(RANK_ERRORS_ENV):  # else --nproc's launcher says it
+        if reports_result():
             print(f"model written to {model}")
 
 
@@ -181,12 +161,12 @@ def cmd_learn(args) -> None:
     chosen.update(parse_option_overrides(args.option))
     chosen.update({k: v for k, v in {"head_init": args.head_init, "lambda_f": args.lambda_f}.items() if v is not None})
     options = StepOptions.from_json(chosen)  # what is left unset comes from the method settings
-    if _launch_ranks(args):
+    if launch_ranks(args):  # --nproc: this process starts the ranks (docs/distributed.md)
         return
     with distributed.process_group(args.device):
         model = learn_step(args.model, manifest, args.out, args.new_classes, args.strategy, config, options,
                            resume=args.resume, overwrite=args.overwrite, method_settings=settings)
-        if distributed.is_main() and not os.environ.get(RANK_ERRORS_ENV):  # else --nproc's launcher says it
+        if reports_result():
             print(f"model written to {model}")
 
 
@@ -427,35 +407,6 @@ def _one_line_warnings(message, category, filename, lineno, file=None, line=None
     print(f"warning: {printable(str(message))}", file=sys.stderr)
 
 
-def _error(line: str) -> None:
-    """Print ``error: line``; a rank started by ``--nproc`` leaves it to its launcher (cimis/launch.py),
-    which prints the one line that explains a failure."""
-    folder = os.environ.get(RANK_ERRORS_ENV)
-    if folder and os.environ.get("RANK"):
-        Path(folder, f"rank{os.environ['RANK']}.txt").write_text(line + "\n")
-        return
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK"):
-        line = f"process {os.environ['RANK']}: {line}"  # under torchrun every rank speaks
-    print(f"error: {line}", file=sys.stderr)
-
-
-def _lost_peer(exc: BaseException) -> CimisError | None:
-    """A collective that failed because another rank went away, worded for the user."""
-    from cimis import distributed
-    from cimis.launch import PEER_LOST
-
-    if not distributed.launched():
-        return None
-    import torch.distributed as dist
-
-    text = str(exc)
-    if isinstance(exc, dist.DistError) or any(word in text for word in ("Gloo", "gloo", "NCCL", "Connection closed",
-                                                                        "Connection reset", "Broken pipe")):
-        return CimisError(f"{PEER_LOST} ({text.splitlines()[0][:160] if text else type(exc).__name__})",
-                          "the last checkpoint is kept: run the same command with --resume to continue")
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # --nproc starts its ranks with the same
@@ -467,16 +418,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except CimisError as exc:
-        _error(printable(exc.one_line()))
+        report_error(printable(exc.one_line()))
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a user error wrapped by a library (e.g. raised inside a MONAI transform)
-        cause = user_error_in(exc) or _lost_peer(exc)
+        cause = user_error_in(exc) or lost_peer(exc)
         if cause is None:
             raise
-        _error(printable(cause.one_line()))
+        report_error(printable(cause.one_line()))
         return 2
     return 0
 

@@ -4,7 +4,8 @@
 Each rank runs ``python -m cimis.cli`` with the same arguments under torchrun's environment
 (cimis/distributed.py joins them into one process group). A rank that fails stops the others (torchrun's
 agent ends them); the ranks write their error line to a file here instead of the terminal, and this
-process prints the one that explains the failure.
+process prints the one that explains the failure. The command line's side of it (``launch_ranks``,
+``report_error``, ``lost_peer``) lives here too, so that cimis/cli.py only calls it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,61 @@ RANK_ERRORS_ENV = "CIMIS_RANK_ERRORS"
 PEER_LOST = "another training process stopped"
 
 
+# ------------------------------------------------------------------------------ for the command line
+def launch_ranks(args) -> bool:
+    """``--nproc N`` (``args.nproc``): start N ranks of this very command, wait for them and report; True
+    when done so. Under torchrun the command is one of the ranks and runs on (cimis/distributed.py)."""
+    from cimis import distributed
+
+    if distributed.launched():
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        if args.nproc not in (None, per_node):
+            raise CimisError(f"--nproc {args.nproc} differs from torchrun's {per_node} processes",
+                             "give --nproc or start with torchrun, not both")
+        return False
+    if (args.nproc or 1) == 1:
+        return False
+    launch(args.argv, args.nproc, args.device, args.out)
+    print(f"model written to {Path(args.out) / 'model'}")
+    return True
+
+
+def reports_result() -> bool:
+    """Whether this process prints the command's result: rank 0, unless --nproc's launcher does."""
+    from cimis import distributed
+
+    return distributed.is_main() and not os.environ.get(RANK_ERRORS_ENV)
+
+
+def report_error(line: str) -> None:
+    """Print ``error: line``; a rank started by ``--nproc`` leaves it to its launcher, which prints the one
+    line that explains a failure."""
+    folder = os.environ.get(RANK_ERRORS_ENV)
+    if folder and os.environ.get("RANK"):
+        Path(folder, f"rank{os.environ['RANK']}.txt").write_text(line + "\n")
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK"):
+        line = f"process {os.environ['RANK']}: {line}"  # under torchrun every rank speaks
+    print(f"error: {line}", file=sys.stderr)
+
+
+def lost_peer(exc: BaseException) -> CimisError | None:
+    """A collective that failed because another rank went away, worded for the user."""
+    from cimis import distributed
+
+    if not distributed.launched():
+        return None
+    import torch.distributed as dist
+
+    text = str(exc)
+    words = ("Gloo", "gloo", "NCCL", "Connection closed", "Connection reset", "Broken pipe")
+    if isinstance(exc, getattr(dist, "DistError", ())) or any(word in text for word in words):  # DistError: torch >= 2.1
+        return CimisError(f"{PEER_LOST} ({text.splitlines()[0][:160] if text else type(exc).__name__})",
+                          "the last checkpoint is kept: run the same command with --resume to continue")
+    return None
+
+
+# ------------------------------------------------------------------------------------------- launching
 def available_slots(device: str) -> tuple[int, str]:
     """How many ranks this machine can hold for ``--device``: its GPUs, or (CPU) its usable cores."""
     import torch
