@@ -24,6 +24,7 @@ from cimis.arguments import (  # the option value types, shared with cimis bench
     window as _window,
 )
 from cimis.errors import CimisError, printable, user_error_in
+from cimis.launch import launch_ranks, lost_peer, report_error, reports_result
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,6 +55,7 @@ def cmd_manifest(args) -> None:
 
 
 def cmd_train(args) -> None:
+    from cimis import distributed
     from cimis.data.manifest import Manifest
     from cimis.data.preprocess import PreprocessConfig
     from cimis.train import TrainConfig, train_model
@@ -67,14 +69,19 @@ def cmd_train(args) -> None:
         augment=not args.no_augment, val_every=args.val_every or max(args.iterations // 4, 1),
         checkpoint_every=args.checkpoint_every or max(args.iterations // 4, 1),
     )
-    model = train_model(manifest, args.out, classes, args.network, preprocess, config, resume=args.resume,
-                        overwrite=args.overwrite)
-    print(f"model written to {model}")
+    if launch_ranks(args):  # --nproc: this process starts the ranks (docs/distributed.md)
+        return
+    with distributed.process_group(args.device):
+        model = train_model(manifest, args.out, classes, args.network, preprocess, config, resume=args.resume,
+                            overwrite=args.overwrite)
+        if reports_result():
+            print(f"model written to {model}")
 
 
 def cmd_learn(args) -> None:
     from dataclasses import replace
 
+    from cimis import distributed
     from cimis.data.manifest import Manifest
     from cimis.incremental.base import StepOptions
     from cimis.incremental.learn import learn_step, default_step_config
@@ -94,9 +101,13 @@ def cmd_learn(args) -> None:
     chosen.update(parse_option_overrides(args.option))
     chosen.update({k: v for k, v in {"head_init": args.head_init, "lambda_f": args.lambda_f}.items() if v is not None})
     options = StepOptions.from_json(chosen)  # what is left unset comes from the method settings
-    model = learn_step(args.model, manifest, args.out, args.new_classes, args.strategy, config, options,
-                       resume=args.resume, overwrite=args.overwrite, method_settings=settings)
-    print(f"model written to {model}")
+    if launch_ranks(args):  # --nproc: this process starts the ranks (docs/distributed.md)
+        return
+    with distributed.process_group(args.device):
+        model = learn_step(args.model, manifest, args.out, args.new_classes, args.strategy, config, options,
+                           resume=args.resume, overwrite=args.overwrite, method_settings=settings)
+        if reports_result():
+            print(f"model written to {model}")
 
 
 def cmd_segment(args) -> None:
@@ -182,6 +193,10 @@ def cmd_models(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ parser
+NPROC_HELP = ("data-parallel training in N processes on this machine, one per GPU (or sharing the CPU "
+              "cores); the batch size is split over them (docs/distributed.md)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cimis", description="Class-incremental 3D CT segmentation (CIMISLearner).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -224,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--nproc", type=_count(1), help=NPROC_HELP)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("learn", help="one incremental step: learn new classes from new-only labels")
@@ -254,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=_count(0), default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--nproc", type=_count(1), help=NPROC_HELP)
     p.set_defaults(func=cmd_learn)
 
     p = sub.add_parser("segment", help="segment volumes with a model; writes label maps on the input geometry")
@@ -347,6 +364,7 @@ def _one_line_warnings(message, category, filename, lineno, file=None, line=None
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # --nproc starts its ranks with the same
     warnings.showwarning = _one_line_warnings
     # Third-party chatter (MONAI deprecations, torch hints) is not for the user; ours goes through CimisError.
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -355,16 +373,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except CimisError as exc:
-        print(f"error: {printable(exc.one_line())}", file=sys.stderr)
+        report_error(printable(exc.one_line()))
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a user error wrapped by a library (e.g. raised inside a MONAI transform)
-        cause = user_error_in(exc)
+        cause = user_error_in(exc) or lost_peer(exc)
         if cause is None:
             raise
-        print(f"error: {printable(cause.one_line())}", file=sys.stderr)
+        report_error(printable(cause.one_line()))
         return 2
     return 0
 

@@ -2,6 +2,8 @@
 
 Dice + cross-entropy on label-balanced patches, iteration-based with nnU-Net's polynomial learning-rate
 decay, AdamW, mixed precision on CUDA, validation Dice per class, periodic checkpoints and ``resume``.
+Under torchrun (cimis/distributed.py) the batch is split over the ranks, each sampling its own patches;
+rank 0 alone validates and writes checkpoints, events and the model.
 :class:`Trainer` owns the loop; the incremental strategies subclass it and change :meth:`Trainer.loss`.
 """
 
@@ -20,7 +22,10 @@ import torch
 from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor
 from monai.transforms import Compose, MapTransform
 from monai.utils import set_determinism
+from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
+
+from cimis import distributed
 
 from cimis.checkpoint import load_checkpoint, save_checkpoint
 from cimis.data.classes import ClassSet
@@ -50,7 +55,7 @@ class TrainConfig:
     """Training budget and optimisation settings (each one a ``cimis train`` option)."""
 
     iterations: int = 1000
-    batch_size: int = 2  # patches per iteration
+    batch_size: int = 2  # patches per iteration (all ranks together)
     samples_per_volume: int = 2  # patches cut from each loaded volume
     learning_rate: float = 2e-3
     weight_decay: float = 3e-5
@@ -114,8 +119,12 @@ class LoadCased(MapTransform):
 
 
 def _forever(loader: DataLoader) -> Iterator[dict]:
+    epoch = 0
     while True:
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)  # another split of the cases over the ranks every epoch
         yield from loader
+        epoch += 1
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -159,9 +168,10 @@ class Trainer:
         self.preprocess = preprocess
         self.config = config
         self.run_dir = Path(run_dir)
-        self.on_event = on_event or (lambda kind, payload: None)
-        self.progress = progress
-        self.device = resolve_device(config.device)
+        # Rank 0 speaks for the run: events and progress bars come from it alone.
+        self.on_event = (on_event if distributed.is_main() else None) or (lambda kind, payload: None)
+        self.progress = progress and distributed.is_main()
+        self.device = distributed.rank_device(resolve_device(config.device))
         self.seg_loss = DiceCELoss()
 
     # ----------------------------------------------------------------------------------------- the loss
@@ -185,6 +195,10 @@ class Trainer:
     def restore_checkpoint_state(self, state: dict) -> None:
         """Take back :meth:`checkpoint_state` from a checkpoint's state when resuming."""
 
+    def replicated_state(self) -> list[torch.Tensor]:
+        """Tensors beyond the weights that every rank must hold identically (checked at checkpoints)."""
+        return []
+
     # ------------------------------------------------------------------------------------------- data
     def load_case(self, manifest_classes: ClassSet) -> LoadCased:
         return LoadCased(manifest_classes, self.classes, self.label_classes)
@@ -194,22 +208,37 @@ class Trainer:
         prepare = Compose([self.load_case(manifest_classes), model_space_transforms(self.preprocess, True)])
         return [prepare({"case": c}) for c in cases]
 
+    def local_batch(self) -> tuple[int, int]:
+        """This rank's patches per iteration and patches per loaded volume: the batch split over the ranks."""
+        cfg, ranks = self.config, distributed.world_size()
+        if cfg.batch_size % ranks:
+            raise CimisError(f"the batch size {cfg.batch_size} does not split evenly over {ranks} processes",
+                             f"choose a batch size that is a multiple of {ranks}")
+        batch = cfg.batch_size // ranks
+        return batch, math.gcd(batch, cfg.samples_per_volume)
+
     def _train_loader(self, cases: list[Case], manifest_classes: ClassSet) -> DataLoader:
         cfg = self.config
+        batch, per_volume = self.local_batch()
         transform = Compose([
             self.load_case(manifest_classes),
             training_transforms(self.preprocess, self.classes.num_channels),
-            patch_sampling_transforms(self.preprocess, self.classes.num_channels, cfg.samples_per_volume, cfg.augment),
+            patch_sampling_transforms(self.preprocess, self.classes.num_channels, per_volume, cfg.augment),
         ])
         data = [{"case": c} for c in cases]
         if cfg.cache:
             dataset = CacheDataset(data, transform, cache_rate=1.0, num_workers=1, progress=self.progress)
         else:
             dataset = Dataset(data, transform)
+        # Several ranks: each loads its own share of the cases every epoch (and crops its own patches: the
+        # random state is seeded by rank).
+        sampler = DistributedSampler(dataset, distributed.world_size(), distributed.rank(), shuffle=True,
+                                     seed=cfg.seed) if distributed.is_distributed() else None
         return DataLoader(
             dataset,
-            batch_size=cfg.batch_size // cfg.samples_per_volume,
-            shuffle=True,
+            batch_size=batch // per_volume,
+            shuffle=sampler is None,
+            sampler=sampler,
             num_workers=cfg.num_workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=cfg.num_workers > 0,
@@ -243,7 +272,7 @@ class Trainer:
         cfg = self.config
         if not train_cases:
             raise CimisError("the training split is empty", "list training cases under splits.train in the manifest")
-        set_determinism(seed=cfg.seed)
+        set_determinism(seed=cfg.seed + distributed.rank())  # every rank crops its own patches
         self.net.to(self.device).train()
         optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(self.device, cfg.amp))
@@ -253,11 +282,13 @@ class Trainer:
             state = load_checkpoint(checkpoint_dir, self.net, optimizer)
             start, history = int(state["iteration"]), list(state["history"])
             self.restore_checkpoint_state(state)
-            set_determinism(seed=cfg.seed + start)  # a resumed run is reproducible, not bit-identical
+            # A resumed run is reproducible, not bit-identical.
+            set_determinism(seed=cfg.seed + start + distributed.rank())
 
         loader = self._train_loader(train_cases, manifest_classes)
-        val_data = self.model_space_volumes(val_cases, manifest_classes) if val_cases else []
+        val_data = self.model_space_volumes(val_cases, manifest_classes) if val_cases and distributed.is_main() else []
         self.before_training(train_cases, manifest_classes)
+        student = distributed.data_parallel(self.net, self.device)  # DDP on the student alone
         batches = _forever(loader)
         bar = tqdm(total=cfg.iterations, initial=start, desc=self.kind, unit="it", disable=not self.progress)
         running, started, done_here = None, time.perf_counter(), 0
@@ -268,10 +299,11 @@ class Trainer:
             for group in optimizer.param_groups:
                 group["lr"] = cfg.learning_rate_at(iteration)
             with autocast(self.device, cfg.amp):
-                logits, features = self.net.forward_with_features(batch["image"])
+                logits, features = student(batch["image"])
                 loss, parts = self.loss(batch, logits.float(), features.float())
-            if not torch.isfinite(loss):
-                raise CimisError(f"the training loss became {float(loss)} at iteration {iteration + 1}",
+            value = distributed.mean_over_ranks(float(loss.detach()))  # every rank stops together
+            if not math.isfinite(value):
+                raise CimisError(f"the training loss became {value} at iteration {iteration + 1}",
                                  "lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -282,7 +314,6 @@ class Trainer:
             self.after_step()
 
             done_here += 1
-            value = float(loss.detach())
             running = value if running is None else 0.95 * running + 0.05 * value
             seconds_per_it = (time.perf_counter() - started) / done_here
             bar.update(1)
@@ -299,10 +330,18 @@ class Trainer:
                 history.append(entry)
                 bar.write(f"iteration {it}: validation mean Dice {result['mean_dice']:.3f}")
                 self.on_event("metric", entry)
+            validated = bool(val_cases) and (it % cfg.val_every == 0 or it == cfg.iterations)
             if it % cfg.checkpoint_every == 0 and it < cfg.iterations:
-                save_checkpoint(checkpoint_dir, self.net, optimizer,
-                                {**self.checkpoint_state(), "iteration": it, "history": history, "config": asdict(cfg)})
-                self.on_event("checkpoint", {"iteration": it, "path": str(checkpoint_dir)})
+                distributed.check_replicas_agree([*self.net.parameters(), *self.replicated_state()],
+                                                 "model weights or prototypes", tolerance=1e-4)
+                if distributed.is_main():
+                    save_checkpoint(checkpoint_dir, self.net, optimizer, {
+                        **self.checkpoint_state(), "iteration": it, "history": history, "config": asdict(cfg)})
+                    self.on_event("checkpoint", {"iteration": it, "path": str(checkpoint_dir)})
+                distributed.barrier()  # the others wait while rank 0 validates and writes
+                distributed.stop_point(it)
+            elif validated:
+                distributed.barrier()
         bar.close()
         self.seconds_per_iteration = (time.perf_counter() - started) / max(done_here, 1)
         self.peak_memory_mb = peak_memory_mb(self.device)
@@ -360,8 +399,11 @@ def train_model(
         metrics={"validation": history[-1]} if history else {},
     )
     # The incremental methods start the next step from these (METHOD.md section 4).
-    prototypes = global_prototypes(net, trainer.model_space_volumes(manifest.cases_in("train"), manifest.classes),
-                                   preprocess.patch_size, trainer.device, amp=config.amp)
-    saved = save_model(model_dir, net, card, overwrite=True, prototypes=prototypes)
-    shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)  # the run is finished: nothing to resume
-    return saved
+    # Each rank pools its share of the volumes; the sums are added across ranks.
+    volumes = trainer.model_space_volumes(distributed.share(manifest.cases_in("train")), manifest.classes)
+    prototypes = global_prototypes(net, volumes, preprocess.patch_size, trainer.device, amp=config.amp)
+    if distributed.is_main():
+        save_model(model_dir, net, card, overwrite=True, prototypes=prototypes)
+        shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)  # the run is finished: nothing to resume
+    distributed.barrier()
+    return model_dir

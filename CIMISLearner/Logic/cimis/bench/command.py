@@ -32,6 +32,15 @@ def _factors(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 1,0.3, got {text!r}") from None
 
 
+def _shard(text: str) -> tuple[int, int]:
+    from cimis.bench.shard import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _words(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
@@ -85,6 +94,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="PyTorch CPU threads")
     p.add_argument("--no-predictions", action="store_true", help="do not keep the test predictions")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the stored results")
+    p.add_argument("--shard", type=_shard, metavar="I/N",
+                   help="run only shard I of N (0 <= I < N): every N-th (seed, method) chain, in OUT/shards/I-of-N "
+                   "(docs/bench.md: a SLURM array)")
+    p.add_argument("--merge", nargs="*", metavar="DIR",
+                   help="write the report in OUT from the results of the shard folders DIR... (default: "
+                   "every OUT/shards/I-of-N)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -95,8 +110,18 @@ def bench_command(args: argparse.Namespace) -> None:
         if args.threads < 1:
             raise CimisError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.merge is not None:
+        if args.shard or args.tune or args.report_only:
+            raise CimisError("--merge only writes the report from finished shards",
+                             "leave out --shard, --tune and --report-only")
+        merge_and_report(Path(args.out), [Path(d) for d in args.merge], args.ablation)
+        return
+    if args.shard and (args.tune or args.report_only):
+        raise CimisError("--shard runs a part of a benchmark", "leave out --tune and --report-only")
     for out, config in configs_from(args):
-        if args.tune:
+        if args.shard:
+            run_shard(out, config, *args.shard, progress=not args.quiet)
+        elif args.tune:
             tune_and_report(out, config, tune_grid(args), progress=not args.quiet)
         else:
             run_and_report(out, config, args.ablation, args.report_only, progress=not args.quiet)
@@ -184,6 +209,41 @@ def configs_from(args: argparse.Namespace) -> list[tuple[Path, "BenchConfig"]]: 
     return result
 
 
+def run_shard(out: Path, config, index: int, count: int, progress: bool = True) -> None:
+    """Run shard ``index`` of ``count`` of one benchmark in ``out/shards/I-of-N`` (cimis/bench/shard.py)."""
+    from cimis.bench.runner import prepare, run_bench
+    from cimis.bench.shard import shard_folder, shard_units
+
+    folder = shard_folder(out, index, count)
+    if not (out / "shards").is_dir():
+        from cimis.bench.config import check_output_folder
+
+        check_output_folder(out)  # a folder of something else is refused before anything is written into it
+    bench = prepare(config, folder, progress)
+    units = shard_units(bench.units(), index, count)
+    print(f"benchmark shard {index}/{count} in {folder}: {len(units)} of {len(bench.units())} units")
+    counts = run_bench(bench, progress, units)
+    print(f"{counts['finished before']} unit(s) finished before, {counts['computed']} computed now; "
+          f"when every shard is done: cimis bench --out {out} --merge")
+
+
+def merge_and_report(out: Path, folders: list[Path], ablation: bool) -> dict[str, Path]:
+    """``--merge``: the report of the shards in ``folders`` (default: ``out/shards/*``), written in ``out``."""
+    from cimis.bench.methods import parse_methods
+    from cimis.bench.results import BASE, Unit
+    from cimis.bench.schedule import Schedule
+    from cimis.bench.shard import merge_shards, shard_folders
+
+    stored = merge_shards(out, folders or shard_folders(out))
+    schedule = Schedule(tuple(tuple(step) for step in stored["schedule_steps"]))
+    methods = [m.name for m in parse_methods(stored["methods"])]
+    seeds = list(stored["seeds"])
+    units = [u for s in seeds for u in [Unit(BASE, 0, s)] + [Unit(m, t, s) for t in range(1, len(schedule.steps))
+                                                            for m in methods]]
+    print(f"benchmark merged in {out}: {len(folders or shard_folders(out))} shard(s)")
+    return write_report(out, schedule, methods, seeds, units, stored, ablation)
+
+
 def torch_cuda_available() -> bool:
     import torch
 
@@ -192,11 +252,7 @@ def torch_cuda_available() -> bool:
 
 def run_and_report(out: Path, config, ablation: bool, report_only: bool, progress: bool = True) -> dict[str, Path]:
     """Run (or, with ``report_only``, only report) one benchmark; print its summary; return the files written."""
-    from cimis.bench.ablation import write_ablation
     from cimis.bench.config import CONFIG_NAME
-    from cimis.bench.plots import write_plots
-    from cimis.bench.report import BenchReport
-    from cimis.bench.results import load_results
     from cimis.bench.runner import prepare, run_bench
 
     if report_only and not (out / CONFIG_NAME).is_file():
@@ -209,8 +265,19 @@ def run_and_report(out: Path, config, ablation: bool, report_only: bool, progres
     if not report_only:
         counts = run_bench(bench, progress)
         print(f"{counts['finished before']} unit(s) finished before, {counts['computed']} computed now")
-    report = BenchReport(bench.schedule, [m.name for m in bench.methods], list(config.seeds),
-                         load_results(out, units), bench.stored)
+    return write_report(out, bench.schedule, [m.name for m in bench.methods], list(config.seeds), units,
+                        bench.stored, ablation)
+
+
+def write_report(out: Path, schedule, methods: list[str], seeds: list[int], units, stored: dict,
+                 ablation: bool) -> dict[str, Path]:
+    """The report, plots (and ablation table) in ``out`` from the results stored there; prints its summary."""
+    from cimis.bench.ablation import write_ablation
+    from cimis.bench.plots import write_plots
+    from cimis.bench.report import BenchReport
+    from cimis.bench.results import load_results
+
+    report = BenchReport(schedule, methods, seeds, load_results(out, units), stored)
     paths = report.write(out)
     paths.update(write_plots(report, out))
     if ablation:

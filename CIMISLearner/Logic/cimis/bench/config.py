@@ -160,7 +160,7 @@ def check_output_folder(out: Path) -> None:
     if not out.is_dir():
         raise CimisError(f"{out} is a file", "give a folder for --out")
     data = out / "data"
-    if any(e.name != "data" for e in out.iterdir()) or (data.is_dir() and any(e.name != "phantoms" for e in data.iterdir())):
+    if any(e.name not in ("data", "shards") for e in out.iterdir()) or (data.is_dir() and any(e.name != "phantoms" for e in data.iterdir())):
         raise CimisError(f"{out} exists and does not hold a benchmark", "choose a new or empty --out folder")
 
 

@@ -89,9 +89,10 @@ def prepare(config: BenchConfig, out: Path, progress: bool = True) -> PreparedBe
                          config.settings())
 
 
-def run_bench(bench: PreparedBench, progress: bool = True) -> dict[str, int]:
-    """Run every unit that has no result yet; returns how many were skipped and computed."""
-    units = bench.units()
+def run_bench(bench: PreparedBench, progress: bool = True, units: list[Unit] | None = None) -> dict[str, int]:
+    """Run every unit (of ``units``, default all, in running order) that has no result yet; returns how many
+    were skipped and computed."""
+    units = bench.units() if units is None else units
     todo = [u for u in units if not u.result_path(bench.out).is_file()]
     counts = {"finished before": len(units) - len(todo), "computed": 0}
     bar = tqdm(total=len(units), initial=counts["finished before"], desc="benchmark", unit="unit",

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from cimis import distributed
 from cimis.errors import CimisError
 from cimis.incremental.method_settings import resolve_options
 from cimis.incremental.pseudo_labels import EntropyThresholds, pseudo_label_targets
@@ -112,19 +113,28 @@ class IncrementalTrainer(Trainer):
 
     def before_training(self, train_cases, manifest_classes) -> None:
         if self.uses_pseudo_labels and self.options.pseudo_labels:
-            self.train_volumes = self.model_space_volumes(train_cases, manifest_classes)
+            # This rank's share of the step's volumes (all of them in one process).
+            self.train_volumes = self.model_space_volumes(distributed.share(train_cases), manifest_classes)
             self.thresholds = self.estimate_thresholds(self.train_volumes)
 
     @torch.no_grad()
     def estimate_thresholds(self, volumes: list[dict]) -> torch.Tensor:
-        """PLOP's per-class entropy thresholds, from the old model over every voxel of the step's data."""
+        """PLOP's per-class entropy thresholds, from the old model over every voxel of the step's data.
+        ``volumes`` is this rank's share of them (:func:`cimis.distributed.share`): the histograms are added
+        across ranks, so every rank gets the thresholds of the whole data."""
         stats = EntropyThresholds(self.n_old, self.options.entropy_floor)
         for volume in volumes:
             for image, _, valid in iterate_tiles(volume["image"], None, self.preprocess.patch_size):
                 with autocast(self.device, self.config.amp):
                     old_logits, _ = self.teacher(image.to(self.device))
                 stats.add(torch.softmax(old_logits, 1), valid)
-        return stats.thresholds()
+        distributed.all_reduce_sum(stats.histograms)
+        thresholds = stats.thresholds()
+        distributed.check_replicas_agree([thresholds], "pseudo-label thresholds")
+        return thresholds
+
+    def replicated_state(self) -> list[torch.Tensor]:
+        return [self.thresholds] if self.thresholds is not None else []
 
     # --------------------------------------------------------------------------------------- the loss
     def loss(self, batch, logits, features):

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cimis.distributed import all_reduce_sum, global_sum
+
 
 def class_sums(features: torch.Tensor, targets: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class feature sums ``(n_classes, D)`` and voxel counts ``(n_classes,)`` over batch and space, for
@@ -47,6 +49,8 @@ class DAPDLoss(nn.Module):
     def forward(self, features, old_features, targets, prototypes, valid):
         n_old = prototypes.shape[0]
         sums, counts = class_sums(features.float(), targets, n_old)
+        # Local prototypes of the global batch: sums and counts added across ranks (cimis/distributed.py).
+        sums, counts = global_sum(sums), all_reduce_sum(counts.detach().clone())
         present = counts > 0
         local = sums / counts.clamp_min(1).unsqueeze(1)
         loss = features.sum() * 0.0  # keeps the graph connected when no term applies
@@ -59,7 +63,7 @@ class DAPDLoss(nn.Module):
                 parts["dapd_g"] = float(g.detach().mean())
         if self.local_term and bool(present.any()):
             with torch.no_grad():
-                old_sums, _ = class_sums(old_features.float(), targets, n_old)
+                old_sums = all_reduce_sum(class_sums(old_features.float(), targets, n_old)[0])
                 old_local = old_sums / counts.clamp_min(1).unsqueeze(1)
             l = 1 - F.cosine_similarity(local[present], old_local[present], dim=1)
             loss = loss + l.mean()

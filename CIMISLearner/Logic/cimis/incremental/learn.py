@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from cimis import distributed
 from cimis.data.classes import ClassSet
 from cimis.data.manifest import Manifest, check_labels_contain
 from cimis.errors import CimisError
@@ -104,6 +105,7 @@ def learn_step(
         if options.head_init is None:
             raise CimisError(f"no head init for {strategy}", "set head_init in the method settings or pass --head-init")
         student = copy.deepcopy(old_net)
+        torch.manual_seed(config.seed)  # the new channels' initial weights: the same on every rank and every run
         student.head.grow(len(new), init=options.head_init)
         label_classes = new
     trainer = cls(
@@ -113,7 +115,9 @@ def learn_step(
     )
     history = trainer.fit(manifest.cases_in("train"), manifest.cases_in("val"), manifest.classes, resume)
 
-    volumes = getattr(trainer, "train_volumes", None) or trainer.model_space_volumes(manifest.cases_in("train"), manifest.classes)
+    # This rank's share of the training volumes: thresholds and prototypes are summed across ranks.
+    volumes = getattr(trainer, "train_volumes", None) or trainer.model_space_volumes(
+        distributed.share(manifest.cases_in("train")), manifest.classes)
     if not hasattr(trainer, "thresholds") or trainer.thresholds is None:
         trainer.thresholds = trainer.estimate_thresholds(volumes) if not getattr(cls, "fresh_start", False) else None
     targets_of = None if getattr(cls, "fresh_start", False) else trainer.final_targets()
@@ -128,12 +132,16 @@ def learn_step(
         "new_classes": new.names, "config": asdict(config), "options": options.to_json(), "validation": history,
         "seconds_per_iteration": trainer.seconds_per_iteration, "peak_memory_mb": trainer.peak_memory_mb,
         "device": str(trainer.device),
+        # PLOP's entropy thresholds the step's pseudo-labels and prototypes used (none for joint).
+        "pseudo_label_thresholds": None if trainer.thresholds is None else [float(t) for t in trainer.thresholds],
     }
     card = ModelCard(classes=classes, network=old_card.network, preprocessing=old_card.preprocessing,
                      history=old_card.history + [entry], metrics={"validation": history[-1]} if history else {})
-    saved = save_model(model_dir, student, card, overwrite=True, prototypes=prototypes)
-    shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
-    return saved
+    if distributed.is_main():  # the others wait at the barrier
+        save_model(model_dir, student, card, overwrite=True, prototypes=prototypes)
+        shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
+    distributed.barrier()
+    return model_dir
 
 
 def default_step_config(card: ModelCard, strategy: str | None = None,

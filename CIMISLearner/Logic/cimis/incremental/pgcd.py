@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cimis.distributed import all_reduce_sum, global_sum
 from cimis.incremental.distillation import kl_per_voxel, unbiased_old_log_probs
 from cimis.incremental.pseudo_labels import predicted_classes
 
@@ -61,14 +62,17 @@ class PGCDLoss(nn.Module):
         reliability = torch.nan_to_num(affinity.gather(1, old_class.unsqueeze(1)).squeeze(1))
         # A voxel whose predicted class has no prototype cannot be judged either way: it gets the mean
         # reliability (weight 1) instead of silently dropping out of L_f and L_o.
+        # Means over every rank's batch (cimis/distributed.py): the weights of the global batch.
         judged = participating & valid[old_class]
         unjudged = participating & ~judged
-        if bool(judged.any()):
-            judged_mean = (reliability * judged).sum() / judged.sum()
+        judged_sums = all_reduce_sum(torch.stack([(reliability * judged).sum(), judged.sum().float()]))
+        if float(judged_sums[1]) > 0:
+            judged_mean = judged_sums[0] / judged_sums[1]
         else:
             judged_mean = reliability.new_ones(())
         reliability = torch.where(unjudged, judged_mean, reliability) * participating
-        mean = reliability.sum() / participating.sum().clamp_min(1)
+        sums = all_reduce_sum(torch.stack([reliability.sum(), participating.sum().float()]))
+        mean = sums[0] / sums[1].clamp_min(1)
         return reliability / mean.clamp_min(1e-12)
 
     @torch.no_grad()
@@ -83,7 +87,8 @@ class PGCDLoss(nn.Module):
         n_old = old_logits.shape[1]
         old_class = predicted_classes(old_logits)  # c'(v)
         weights = self.voxel_weights(old_features, old_logits, labels, prototypes, valid, old_class)
-        count = (labels < n_old).sum().clamp_min(1)
+        # Sums over every rank's batch divided by the global count of participating voxels.
+        count = all_reduce_sum((labels < n_old).sum().float()).clamp_min(1)
         loss, parts = features.new_zeros((), dtype=torch.float32), {}
         if self.lambda_f != 0:  # off by default (docs/method.md): then not computed at all
             # sum_d a_{c'(v),d} sq_d(v) for every old class at once, then pick c'(v): a small matmul instead of
@@ -92,12 +97,12 @@ class PGCDLoss(nn.Module):
             b, d = squared.shape[:2]
             per_class = torch.matmul(self.channel_weights(prototypes), squared.reshape(b, d, -1)) / d
             weighted = per_class.view(b, n_old, *squared.shape[2:]).gather(1, old_class.unsqueeze(1)).squeeze(1)
-            feature_term = (weights * weighted).sum() / count
+            feature_term = global_sum((weights * weighted).sum()) / count
             loss = loss + self.lambda_f * feature_term
             parts["pgcd_f"] = float(feature_term.detach())
         if self.output_term:
             kl = kl_per_voxel(old_logits.float(), unbiased_old_log_probs(logits.float(), n_old))
-            output_term = (weights * kl).sum() / count
+            output_term = global_sum((weights * kl).sum()) / count
             loss = loss + self.lambda_o * output_term
             parts["pgcd_o"] = float(output_term.detach())
         return loss, parts

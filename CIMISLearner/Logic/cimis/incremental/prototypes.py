@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from cimis import distributed
 from cimis.errors import CimisError
 
 # Target value of voxels that no loss may use (unreliable pseudo-labels).
@@ -53,6 +54,11 @@ class PrototypeAccumulator:
         self.sums.index_add_(0, flat_targets[keep], flat_features[keep])
         self.counts += torch.bincount(flat_targets[keep], minlength=self.counts.numel()).double()
 
+    def reduce_across_ranks(self) -> None:
+        """Add every rank's sums and counts (each rank accumulated its share of the data)."""
+        distributed.all_reduce_sum(self.sums)
+        distributed.all_reduce_sum(self.counts)
+
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Prototypes ``(C, D)`` (zeros where a class was never seen) and the ``(C,)`` mask of seen classes."""
         sums, counts = self.sums.cpu(), self.counts.cpu()
@@ -94,13 +100,18 @@ class PrototypeBank(torch.nn.Module):
     @torch.no_grad()
     def update_background(self, old_features: torch.Tensor, targets: torch.Tensor) -> None:
         """One EMA step of ``P_0`` toward the batch's background prototype of the old model's features;
-        skipped when the batch has no background voxel or the dynamic background is switched off."""
+        skipped when the batch has no background voxel or the dynamic background is switched off. Under
+        data parallelism the batch is every rank's: the sums and counts are added across ranks, so every
+        rank holds the same ``P_0``."""
         if not self.dynamic_background:
             return
-        background = targets == 0
-        if not bool(background.any()):
+        weights = (targets == 0).to(torch.float64).unsqueeze(1)
+        features = old_features.to(torch.float64)
+        sums = torch.cat([(features * weights).sum(dim=(0, 2, 3, 4)), weights.sum().reshape(1)])
+        distributed.all_reduce_sum(sums)
+        if not float(sums[-1]) > 0:
             return
-        batch_proto = masked_average(old_features.float(), background)
+        batch_proto = (sums[:-1] / sums[-1]).to(self.prototypes.dtype)
         if bool(self.valid[0]):
             self.prototypes[0] = self.momentum * self.prototypes[0] + (1 - self.momentum) * batch_proto
         else:
@@ -138,7 +149,8 @@ def global_prototypes(
     """Global prototypes ``P_c`` of ``net``'s features over every voxel of ``volumes`` whose target is ``c``.
 
     Args:
-        volumes: model-space dicts with ``image`` and ``label`` ``(1, X, Y, Z)``.
+        volumes: model-space dicts with ``image`` and ``label`` ``(1, X, Y, Z)``; under data parallelism
+            this rank's share of them (:func:`cimis.distributed.share`): the sums are added across ranks.
         targets_of: ``f(image_tile, label_tile) -> targets`` (``y~`` of an incremental step); default: the
             label itself (step 0).
     Returns ``(C, D)`` prototypes and the ``(C,)`` mask of classes that occurred.
@@ -146,17 +158,17 @@ def global_prototypes(
     from cimis.device import autocast
     from cimis.infer import iterate_tiles
 
+    net = distributed.unwrap(net)
     was_training = net.training
     net.eval()
-    accumulator = None
+    accumulator = PrototypeAccumulator(net.num_channels, net.config.feature_dim, device)
     for volume in volumes:
         for image, label, valid in iterate_tiles(volume["image"], volume["label"], patch_size):
             image, label, valid = image.to(device), label.to(device), valid.to(device)
             with autocast(device, amp):
                 logits, features = net.forward_with_features(image)
-            if accumulator is None:
-                accumulator = PrototypeAccumulator(logits.shape[1], features.shape[1], features.device)
             targets = label if targets_of is None else targets_of(image, label)
             accumulator.add(features.float(), torch.where(valid, targets, torch.full_like(targets, IGNORE)))
     net.train(was_training)
+    accumulator.reduce_across_ranks()
     return accumulator.result()

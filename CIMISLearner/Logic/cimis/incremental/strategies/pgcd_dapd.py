@@ -52,6 +52,9 @@ class PGCDDAPD(IncrementalTrainer):
     def restore_checkpoint_state(self, state: dict) -> None:
         self.bank.load_background_state(state)
 
+    def replicated_state(self) -> list[torch.Tensor]:
+        return [*super().replicated_state(), self.bank.prototypes, self.bank.valid.float()]
+
     @torch.no_grad()
     def after_step(self) -> None:
         # After the optimiser step: the loss of this iteration used the prototype before the update.
