@@ -117,10 +117,10 @@ def read_nnunet(folder: Path, fold: int | str | None = None, configuration: str 
     checkpoint_path = _choose_checkpoint(folder, fold, notes)
     checkpoint = load_checkpoint(checkpoint_path)
     state_dict = _network_weights(checkpoint, checkpoint_path)
-
+    init_args = checkpoint.get("init_args")
+    trained_with = init_args.get("configuration") if isinstance(init_args, dict) else None
+    del checkpoint, init_args  # the optimizer's state is as large as the weights
     if configuration is None:
-        trained_with = checkpoint.get("init_args", {}).get("configuration") if isinstance(
-            checkpoint.get("init_args"), dict) else None
         configuration = trained_with if isinstance(trained_with, str) else DEFAULT_CONFIGURATION
     plans_file = folder / "plans.json"
     config = _resolve_configuration(plans, configuration, plans_file)
@@ -141,7 +141,8 @@ def read_nnunet(folder: Path, fold: int | str | None = None, configuration: str 
 
     args = {"input_channels": 1, "num_classes": len(class_names) + 1, "network": arch_kwargs,
             "network_axes": network_axes}
-    network = build_network(builder, args)
+    with torch.device("meta"):  # names and shapes only: no memory, no initialisation
+        network = build_network(builder, args)
     state_dict = {f"network.{k}": v for k, v in state_dict.items()}
     check_state_dict(network, state_dict, checkpoint_path)
     return SourceModel(
