@@ -139,8 +139,7 @@ def read_nnunet(folder: Path, fold: int | str | None = None, configuration: str 
     notes.append("nnU-Net resamples images with third-order splines; CIMISLearner resamples linearly, so "
                  "predictions near organ borders can differ slightly from nnU-Net's own")
 
-    args = {"input_channels": 1, "num_classes": len(class_names) + 1, "network": arch_kwargs,
-            "network_axes": network_axes}
+    args = {"input_channels": 1, "num_classes": len(class_names) + 1, **arch_kwargs, "network_axes": network_axes}
     with torch.device("meta"):  # names and shapes only: no memory, no initialisation
         network = build_network(builder, args)
     state_dict = {f"network.{k}": v for k, v in state_dict.items()}
@@ -572,25 +571,29 @@ def build_network(builder: str, args: dict) -> nn.Module:
 
     Args:
         builder: ``"nnunet.PlainConvUNet"`` or ``"nnunet.ResidualEncoderUNet"``.
-        args: ``{"input_channels": 1, "num_classes": K, "network": {constructor keyword arguments, ops by
-            short name}, "network_axes": [..]}``.
+        args: the constructor's keyword arguments (ops by short name, e.g. ``"conv_op": "Conv3d"``) with
+            ``input_channels`` (1) and ``num_classes``, plus ``network_axes``, the order of our axes along the
+            network's (see :class:`NnUNetInOurAxes`).
 
     Returns:
         a :class:`NnUNetInOurAxes` around the network, deep supervision off, randomly initialised.
     """
     if builder not in BUILDERS:
         raise CimisError(f"unknown nnU-Net network {str(builder)[:60]!r} (known: {', '.join(BUILDERS)})")
-    if not isinstance(args, dict) or set(args) != {"input_channels", "num_classes", "network", "network_axes"}:
-        raise CimisError("the nnU-Net network arguments must be an object with input_channels, num_classes, "
-                         "network and network_axes")
-    if args["input_channels"] != 1 or isinstance(args["input_channels"], bool):
+    if not isinstance(args, dict):
+        raise CimisError("the nnU-Net network arguments must be an object")
+    kwargs = dict(args)
+    input_channels = kwargs.pop("input_channels", None)
+    num_classes = kwargs.pop("num_classes", None)
+    axes = kwargs.pop("network_axes", None)
+    if kwargs.pop("deep_supervision", False) is not False:
+        raise CimisError("the nnU-Net network's deep_supervision must be false")
+    if input_channels != 1 or isinstance(input_channels, bool):
         raise CimisError("the nnU-Net network's input_channels must be 1 (a CT volume has one channel)")
-    if not _int_in(args["num_classes"], 2, MAX_CLASSES + 1):
+    if not _int_in(num_classes, 2, MAX_CLASSES + 1):
         raise CimisError(f"the nnU-Net network's num_classes must be an integer from 2 to {MAX_CLASSES + 1}")
-    axes = args["network_axes"]
     if not (isinstance(axes, list) and sorted(axes) == [0, 1, 2] and all(_int_in(a, 0, 2) for a in axes)):
         raise CimisError("the nnU-Net network's network_axes must be a permutation of [0, 1, 2]")
-    kwargs = args["network"]
     _check_arch_kwargs(builder, kwargs, "the nnU-Net network arguments")
     try:
         from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
@@ -603,11 +606,21 @@ def build_network(builder: str, args: dict) -> nn.Module:
     built = {k: (ops[v] if k in _OP_NAMES and v is not None else v) for k, v in kwargs.items()}
     network_class = PlainConvUNet if builder == "nnunet.PlainConvUNet" else ResidualEncoderUNet
     try:
-        network = network_class(input_channels=1, num_classes=args["num_classes"], deep_supervision=False, **built)
+        network = network_class(input_channels=1, num_classes=num_classes, deep_supervision=False, **built)
     except (AssertionError, TypeError, ValueError) as exc:
         raise CimisError(f"the nnU-Net network arguments do not build a {builder.split('.')[1]} "
                          f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
     return NnUNetInOurAxes(network, axes)
+
+
+def size_divisor(args: dict) -> list[int]:
+    """Input sizes must be multiples of this per axis of ``(X, Y, Z)``: the product of the strides, which
+    nnU-Net's plans give in the network's axis order (often anisotropic, so the order matters)."""
+    divisor = [1, 1, 1]
+    for stride in args["strides"]:
+        for k, axis in enumerate(args["network_axes"]):
+            divisor[axis] *= int(stride[k])
+    return divisor
 
 
 def check_state_dict(network: nn.Module, state_dict: dict[str, torch.Tensor], checkpoint: Path) -> None:

@@ -21,7 +21,7 @@ pytest.importorskip("dynamic_network_architectures")
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet  # noqa: E402
 
 from cimis.errors import CimisError  # noqa: E402
-from cimis.model.nnunet_source import build_network, is_nnunet_folder, read_nnunet  # noqa: E402
+from cimis.model.nnunet_source import build_network, is_nnunet_folder, read_nnunet, size_divisor  # noqa: E402
 
 LABELS = {"background": 0, "liver": 1, "spleen": 2, "left kidney": 3}
 # Anisotropic, as nnU-Net plans CT: in-plane kernels and strides only at the first stages (numpy (z, y, x)).
@@ -170,7 +170,7 @@ def test_reads_classes_spacing_normalization_and_fold(tiny):
     assert source.final_conv == "network.decoder.seg_layers.1"
     assert any("fold 0" in note and "only fold" in note for note in source.notes)
     json.dumps(source.args)  # plain JSON, as the card stores it
-    assert source.args["network"]["conv_op"] == "Conv3d" and source.args["num_classes"] == 4
+    assert source.args["conv_op"] == "Conv3d" and source.args["num_classes"] == 4
     final = build_network(source.builder, source.args).get_submodule(source.final_conv)
     assert isinstance(final, torch.nn.Conv3d) and final.kernel_size == (1, 1, 1) and final.out_channels == 4
 
@@ -180,6 +180,8 @@ def test_imported_network_equals_nnunets_forward(tmp_path, transpose):
     folder, net = _write_folder(tmp_path, transpose=transpose)
     source = read_nnunet(folder)
     assert source.spacing == [0.7, 0.8, 2.5] and source.patch_size == [12, 16, 8]
+    # The network halves its first axis once, the others twice: that is z, or x after transpose_forward [2, 0, 1].
+    assert size_divisor(source.args) == ([4, 4, 2] if transpose == [0, 1, 2] else [2, 4, 4])
     volume = np.random.default_rng(1).normal(size=source.patch_size).astype(np.float32)
     imported = _imported_logits(source, volume)
     reference = _reference_logits(net, volume, transpose)
@@ -210,7 +212,7 @@ def test_old_plans_format(tmp_path):
                    "num_pool_per_axis": [1, 2, 2], "pool_op_kernel_sizes": STRIDES, "conv_kernel_sizes": KERNELS})
     (folder / "plans.json").write_text(json.dumps(plans))
     source = read_nnunet(folder)
-    assert source.args["network"]["features_per_stage"] == [4, 8, 16]
+    assert source.args["features_per_stage"] == [4, 8, 16]
     volume = np.random.default_rng(3).normal(size=source.patch_size).astype(np.float32)
     np.testing.assert_allclose(_imported_logits(source, volume), _reference_logits(net, volume, [0, 1, 2]),
                                rtol=1e-4, atol=1e-5)
@@ -319,11 +321,11 @@ def test_build_network_refuses_card_arguments_it_cannot_trust(tiny, monkeypatch)
     folder, _ = tiny
     args = read_nnunet(folder).args
     bad = copy.deepcopy(args)
-    bad["network"]["conv_op"] = "torch.nn.modules.conv.Conv3d"  # dotted names are never imported
+    bad["conv_op"] = "torch.nn.modules.conv.Conv3d"  # dotted names are never imported
     with pytest.raises(CimisError, match=r"conv_op is 'torch.nn.modules.conv.Conv3d', not one of Conv3d"):
         build_network("nnunet.PlainConvUNet", bad)
     bad = copy.deepcopy(args)
-    bad["network"]["features_per_stage"] = [4, 8, 10**6]
+    bad["features_per_stage"] = [4, 8, 10**6]
     with pytest.raises(CimisError, match=r"features_per_stage must be a list of 3 integers from 1 to 1024"):
         build_network("nnunet.PlainConvUNet", bad)
     with pytest.raises(CimisError, match=r"unknown nnU-Net network 'nnunet.Primus'"):
