@@ -16,7 +16,7 @@ setup() {
   want=$(cat pyproject.toml requirements-dev.txt | sha256sum | cut -d' ' -f1)
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[dev,nnunet]'
     echo "$want" > "$stamp"
   fi
 }
