@@ -156,15 +156,11 @@ def _divisor(model: SourceModel) -> list[int]:
 
     if model.builder in MONAI_BUILDERS:
         return monai_size_divisor(model.builder, model.args)
-    # nnU-Net: the product of the strides, in nnU-Net's axis order; take the order that fits the patch.
-    divisor = [1, 1, 1]
-    for s in model.args.get("strides", []):
-        s3 = s if isinstance(s, list) else [s] * 3
-        divisor = [d * int(x) for d, x in zip(divisor, s3)]
-    for candidate in (divisor, divisor[::-1]):
-        if not any(p % d for p, d in zip(model.patch_size, candidate)):
-            return candidate
-    return [1, 1, 1]
+    # nnU-Net: the product of the strides, given in the network's axis order; the reader knows which of our
+    # axes each one is (guessing from the patch picks the wrong order when both fit).
+    from cimis.model.nnunet_source import size_divisor
+
+    return size_divisor(model.args)
 
 
 def model_space_images(paths: Sequence[str | Path], preprocessing: PreprocessConfig) -> list[torch.Tensor]:

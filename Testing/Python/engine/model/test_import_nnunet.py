@@ -334,3 +334,74 @@ def test_build_network_refuses_card_arguments_it_cannot_trust(tiny, monkeypatch)
     with pytest.raises(CimisError, match=r"dynamic_network_architectures") as refused:
         build_network("nnunet.PlainConvUNet", args)
     assert 'pip install "cimis[nnunet]"' in refused.value.one_line()
+
+
+# ------------------------------------------------------------------------------------ end to end
+def _ct(spacing_xyz=(0.7, 0.8, 2.5), size_xyz=(28, 36, 12), seed=0):
+    """A CT-like volume (HU) on an axis-aligned grid at the plans' spacing: air, a body, three blobs."""
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in size_xyz[::-1]], indexing="ij")
+    array = np.full(z.shape, -1000.0)
+    array[(x / 0.9) ** 2 + (y / 0.8) ** 2 < 1] = 40.0
+    for cx, cy, cz, hu in ((-0.4, 0.1, 0.0, 120.0), (0.4, 0.2, 0.3, -80.0), (0.1, -0.4, -0.3, 250.0)):
+        array[(x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 < 0.09] = hu
+    array += rng.normal(0, 15, array.shape)
+    image = sitk.GetImageFromArray(array.astype(np.int16))
+    image.SetSpacing(spacing_xyz)
+    image.SetOrigin((-10.0, 20.0, 5.0))
+    return image
+
+
+def _nnunet_logits(net: torch.nn.Module, image) -> torch.Tensor:
+    """nnU-Net's way on a CT already at the plans' spacing: CTNormalization of SimpleITK's (z, y, x) array,
+    then the network over sliding windows of the plans' patch (MONAI's Gaussian stitching, as cimis segment)."""
+    import SimpleITK as sitk
+    from monai.inferers import sliding_window_inference
+
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    array = (np.clip(array, CT_STATS["percentile_00_5"], CT_STATS["percentile_99_5"]) - CT_STATS["mean"]) / CT_STATS["std"]
+    reference = copy.deepcopy(net).eval()
+    reference.decoder.deep_supervision = False
+    with torch.no_grad():
+        return sliding_window_inference(torch.from_numpy(array)[None, None], roi_size=PATCH_ZYX, sw_batch_size=2,
+                                        predictor=reference, overlap=0.25, mode="gaussian")[0]
+
+
+def test_import_model_then_segment_agrees_with_nnunets_forward(tmp_path):
+    import SimpleITK as sitk
+
+    from cimis.cli import main
+
+    folder, net = _write_folder(tmp_path / "source")
+    image = _ct()
+    # Shift the final biases so that every class wins somewhere on this CT (random weights would predict one).
+    with torch.no_grad():
+        logits = _nnunet_logits(net, image)
+        net.decoder.seg_layers[-1].bias.sub_(torch.stack([logits[c].median() for c in range(len(LABELS))]))
+    path = folder / "fold_0" / "checkpoint_final.pth"
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint["network_weights"] = net.state_dict()
+    torch.save(checkpoint, path)
+    theirs = _nnunet_logits(net, image)
+    assert len(theirs.argmax(0).unique()) == len(LABELS), "every class must be predicted for the check to mean anything"
+    sitk.WriteImage(image, str(tmp_path / "ct.nii.gz"))
+
+    for keep, channels in ((None, [0, 1, 2, 3]), ("spleen,liver", [0, 1, 2])):
+        model = tmp_path / f"model_{len(channels)}"
+        assert main(["import-model", str(folder), "--out", str(model)] + (["--classes", keep] if keep else [])) == 0
+        card = json.loads((model / "card.json").read_text())
+        assert card["network"]["builder"] == "nnunet.PlainConvUNet"
+        assert [c["name"] for c in card["classes"]] == [n for n in LABELS if LABELS[n] in channels[1:]]
+        assert card["preprocessing"]["spacing"] == [0.7, 0.8, 2.5] and card["preprocessing"]["orientation"] == ""
+        assert card["network"]["divisor"] == [4, 4, 2]
+        seg = tmp_path / f"seg_{len(channels)}.nii.gz"
+        assert main(["segment", "--model", str(model), "--input", str(tmp_path / "ct.nii.gz"), "--output", str(seg),
+                     "--device", "cpu"]) == 0
+        ours = sitk.GetArrayFromImage(sitk.ReadImage(str(seg)))
+        # The dropped channels' voxels are background: the argmax over the kept channels only.
+        expected = np.array(channels)[theirs[channels].argmax(0).numpy()]
+        assert ours.shape == expected.shape
+        agreement = float((ours == expected).mean())
+        assert agreement >= 0.999, agreement
