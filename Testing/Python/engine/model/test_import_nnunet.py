@@ -213,6 +213,7 @@ def test_old_plans_format(tmp_path):
     (folder / "plans.json").write_text(json.dumps(plans))
     source = read_nnunet(folder)
     assert source.args["features_per_stage"] == [4, 8, 16]
+    assert source.orientation == ""
     volume = np.random.default_rng(3).normal(size=source.patch_size).astype(np.float32)
     np.testing.assert_allclose(_imported_logits(source, volume), _reference_logits(net, volume, [0, 1, 2]),
                                rtol=1e-4, atol=1e-5)
@@ -405,3 +406,34 @@ def test_import_model_then_segment_agrees_with_nnunets_forward(tmp_path):
         assert ours.shape == expected.shape
         agreement = float((ours == expected).mean())
         assert agreement >= 0.999, agreement
+
+
+def test_import_model_refuses_a_bad_nnunet_folder_and_writes_nothing(tmp_path, capsys):
+    from cimis.cli import main
+
+    folder, _ = _write_folder(tmp_path / "source", folds=(0, 2))
+    _edit_json(folder, "dataset.json", lambda d: d["labels"].update({"kidneys": [3, 1]}))
+    assert main(["import-model", str(folder), "--out", str(tmp_path / "model")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "dataset.json: labels.kidneys is a region" in err and "Traceback" not in err
+    assert not (tmp_path / "model").exists()
+    _edit_json(folder, "dataset.json", lambda d: d["labels"].pop("kidneys"))
+    assert main(["import-model", str(folder), "--out", str(tmp_path / "model"), "--fold", "1"]) == 2
+    assert "folds present: 0, 2" in capsys.readouterr().err and not (tmp_path / "model").exists()
+    assert main(["import-model", str(folder), "--out", str(tmp_path / "model"), "--fold", "2"]) == 0
+    assert "note: folds present" not in capsys.readouterr().out  # a named fold needs no note
+    assert main(["import-model", str(folder), "--out", str(tmp_path / "model2")]) == 0
+    assert "note: folds present: 0, 2; using fold 0" in capsys.readouterr().out
+
+
+def test_orientation_of_reorienting_readers_and_totalsegmentator(tiny, tmp_path):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(tiny[0], folder)
+    _edit_json(folder, "plans.json", lambda d: d.update(image_reader_writer="NibabelIOWithReorient"))
+    assert read_nnunet(folder).orientation == "RAS"
+    _edit_json(folder, "plans.json", lambda d: d.update(image_reader_writer="SimpleITKIO",
+                                                        dataset_name="Dataset291_TotalSegmentator_part1_organs_1559subj"))
+    source = read_nnunet(folder)
+    assert source.orientation == "RAS" and any("TotalSegmentator reorients" in n for n in source.notes)
