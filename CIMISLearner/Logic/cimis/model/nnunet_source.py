@@ -113,6 +113,8 @@ def read_nnunet(folder: Path, fold: int | str | None = None, configuration: str 
     dataset = _read_json(folder / "dataset.json")
     plans = _read_json(folder / "plans.json")
     notes: list[str] = []
+    class_names, label_values = _read_labels(dataset, folder / "dataset.json")
+    _check_one_channel(dataset, folder / "dataset.json")
 
     checkpoint_path = _choose_checkpoint(folder, fold, notes)
     checkpoint = load_checkpoint(checkpoint_path)
@@ -125,9 +127,10 @@ def read_nnunet(folder: Path, fold: int | str | None = None, configuration: str 
     plans_file = folder / "plans.json"
     config = _resolve_configuration(plans, configuration, plans_file)
     where = f"configurations.{configuration}"
-
-    class_names, label_values = _read_labels(dataset, folder / "dataset.json")
-    _check_one_channel(dataset, folder / "dataset.json")
+    if config.get("previous_stage") is not None:
+        raise CimisError(f"{plans_file}: {where} is the second stage of a cascade (previous_stage "
+                         f"{str(config['previous_stage'])[:60]!r}): its network also reads the first stage's "
+                         f"segmentation, so it cannot be imported alone")
     network_axes = _network_axes(plans, plans_file)
     spacing = _in_our_order(_numbers(config.get("spacing"), plans_file, f"{where}.spacing", 0.01, 100.0),
                             network_axes)

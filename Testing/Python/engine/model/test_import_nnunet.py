@@ -299,6 +299,11 @@ def test_bad_folders_name_the_file_and_key(tmp_path):
         read_nnunet(folder, configuration="2d_huge")
     with pytest.raises(CimisError, match=r"plans.json: configurations.2d.spacing must be three numbers.*only 3D"):
         read_nnunet(folder, configuration="2d")
+    _edit_json(folder, "plans.json", lambda d: d["configurations"].update(
+        {"3d_cascade_fullres": {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}}))
+    with pytest.raises(CimisError, match=r"plans.json: configurations.3d_cascade_fullres is the second stage of a "
+                                         r"cascade"):
+        read_nnunet(folder, configuration="3d_cascade_fullres")
     # Weights of another network: dataset.json names 4 foreground classes, the checkpoint has 3.
     _edit_json(folder, "dataset.json", lambda d: d["labels"].update({"pancreas": 4}))
     with pytest.raises(CimisError, match=r"checkpoint_final.pth: the weights do not match .* of another shape"):
