@@ -9,6 +9,8 @@ a fresh process so that its peak memory (``ru_maxrss``) is its own:
 - ``read``: :func:`cimis.model.nnunet_source.read_nnunet` (JSON, safe checkpoint load, network built once
   to check the weights against it);
 - ``build``: ``read`` plus :func:`build_network` and ``load_state_dict``, what ``cimis import-model`` does;
+- ``import``: the whole ``cimis import-model`` without ``--volumes`` (read, build, load, head split, card
+  checks, model folder written);
 - ``forward`` (with ``--forward``): ``build`` plus one forward pass of one 128^3 patch without gradients.
 
     PYTHONPATH=CIMISLearner/Logic python Testing/Benchmarks/nnunet_import_size.py [--forward] [--keep DIR]
@@ -103,6 +105,16 @@ def run_phase(phase: str, folder: Path) -> dict:
     from cimis.model.nnunet_source import build_network, read_nnunet
 
     result = {"phase": phase, "threads": torch.get_num_threads(), "after_imports_mb": round(peak_mb())}
+    if phase == "import":  # on its own: a read before it would leave its memory to the allocator
+        from cimis.model.import_command import import_model
+
+        with tempfile.TemporaryDirectory() as out:
+            start = time.perf_counter()
+            import_model(folder, Path(out) / "model")
+            result["import_s"] = round(time.perf_counter() - start, 2)
+            result["model_mb"] = round(sum(f.stat().st_size for f in (Path(out) / "model").iterdir()) / 1e6)
+        result["peak_mb"] = round(peak_mb())
+        return result
     start = time.perf_counter()
     source = read_nnunet(folder)
     result["read_s"] = round(time.perf_counter() - start, 2)
@@ -128,7 +140,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--forward", action="store_true", help="also time one forward pass of a 128^3 patch")
     parser.add_argument("--keep", type=Path, help="write the model folder here and keep it")
-    parser.add_argument("--phase", choices=["read", "build", "forward"], help=argparse.SUPPRESS)
+    parser.add_argument("--phase", choices=["read", "build", "import", "forward"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase:
@@ -139,7 +151,7 @@ def main() -> None:
         start = time.perf_counter()
         size_mb = write_model(folder)
         print(json.dumps({"phase": "write", "checkpoint_mb": round(size_mb), "s": round(time.perf_counter() - start, 1)}))
-        for phase in ["read", "build"] + (["forward"] if args.forward else []):
+        for phase in ["read", "build", "import"] + (["forward"] if args.forward else []):
             out = subprocess.run([sys.executable, __file__, "--phase", phase, "--folder", str(folder)],
                                  check=True, capture_output=True, text=True).stdout
             print(out.strip().splitlines()[-1])
