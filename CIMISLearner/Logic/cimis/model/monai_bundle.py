@@ -386,12 +386,17 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     dict or one under ``model`` / ``state_dict`` / ``network`` (MONAI Label, Auto3DSeg), ``module.`` prefixes
     (DistributedDataParallel) removed."""
     import pickle
+    import warnings
 
     try:
-        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's note on pickle protocols is not for the user
+            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as exc:
+        lines = str(exc).splitlines()
+        reason = next((l.strip() for l in lines if "Unsupported" in l or "GLOBAL" in l), lines[0] if lines else "")
         raise CimisError(f"{path} is not a plain PyTorch state dict: it holds objects that only a full unpickling "
-                         f"would rebuild, which can run code, so it is refused ({str(exc).splitlines()[0][:160]})",
+                         f"would rebuild, which can run code, so it is refused ({reason[:160]})",
                          "save the weights as a plain state dict (torch.save(net.state_dict())) or as safetensors") from None
     state = loaded
     if isinstance(loaded, dict) and not all(isinstance(v, torch.Tensor) for v in loaded.values()):

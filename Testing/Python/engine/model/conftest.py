@@ -86,7 +86,7 @@ def write_bundle(root: Path, name: str = "SegResNet", net: torch.nn.Module | Non
         "bundle_root": ".",
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
         "spacing": SPACING,
-        "network_def": {"_target_": f"monai.networks.nets.{name}", **NETWORKS[name]},
+        "network_def": {"_target_": f"monai.networks.nets.{name}", **NETWORKS.get(name, {})},
         "network": "$@network_def.to(@device)",
         "preprocessing": {"_target_": "Compose", "transforms": [
             {"_target_": "LoadImaged", "keys": "image"},
