@@ -566,7 +566,11 @@ class NnUNetInOurAxes(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, X, Y, Z)`` -> ``(B, K, X, Y, Z)``: the network's logits (or the features F, where its final
         convolution has been replaced)."""
-        return self.network(x.permute(self.to_network)).permute(self.from_network)
+        # A plain tensor (MONAI's MetaTensor would track metadata through every layer) and a contiguous
+        # copy (PyTorch's CPU convolutions and instance norms take a slow path on permuted views).
+        x = x.as_subclass(torch.Tensor) if type(x) is not torch.Tensor else x
+        out = self.network(x.permute(self.to_network).contiguous())
+        return out.permute(self.from_network).contiguous()
 
 
 def build_network(builder: str, args: dict) -> nn.Module:

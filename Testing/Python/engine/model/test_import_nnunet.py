@@ -46,12 +46,13 @@ def _arch_kwargs(residual: bool = False) -> dict:
     return kwargs
 
 
-def _plans(residual: bool = False, transpose: list[int] | None = None) -> dict:
+def _plans(residual: bool = False, transpose: list[int] | None = None, spacing_zyx=SPACING_ZYX,
+           patch_zyx=PATCH_ZYX) -> dict:
     transpose = transpose or [0, 1, 2]
     name = "ResidualEncoderUNet" if residual else "PlainConvUNet"
     return {
         "dataset_name": "Dataset042_Tiny", "plans_name": "nnUNetPlans",
-        "original_median_spacing_after_transp": [SPACING_ZYX[t] for t in transpose],
+        "original_median_spacing_after_transp": [spacing_zyx[t] for t in transpose],
         "image_reader_writer": "SimpleITKIO", "transpose_forward": transpose,
         "transpose_backward": [transpose.index(i) for i in range(3)],
         "configurations": {
@@ -59,8 +60,8 @@ def _plans(residual: bool = False, transpose: list[int] | None = None) -> dict:
                    "normalization_schemes": ["CTNormalization"]},
             "3d_fullres": {
                 "data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
-                "batch_size": 2, "patch_size": [PATCH_ZYX[t] for t in transpose],
-                "median_image_size_in_voxels": [40, 64, 64], "spacing": [SPACING_ZYX[t] for t in transpose],
+                "batch_size": 2, "patch_size": [patch_zyx[t] for t in transpose],
+                "median_image_size_in_voxels": [40, 64, 64], "spacing": [spacing_zyx[t] for t in transpose],
                 "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
                 "resampling_fn_data": "resample_data_or_seg_to_shape",
                 "architecture": {
@@ -120,10 +121,10 @@ def _checkpoint(net: torch.nn.Module, plans: dict, dataset: dict, fold: int = 0)
 
 
 def _write_folder(root: Path, residual: bool = False, transpose: list[int] | None = None, folds=(0,),
-                  checkpoint_name: str = "checkpoint_final.pth") -> tuple[Path, torch.nn.Module]:
+                  checkpoint_name: str = "checkpoint_final.pth", **plans_changes) -> tuple[Path, torch.nn.Module]:
     folder = root / "Dataset042_Tiny" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
     folder.mkdir(parents=True)
-    plans, dataset = _plans(residual, transpose), _dataset()
+    plans, dataset = _plans(residual, transpose, **plans_changes), _dataset()
     (folder / "plans.json").write_text(json.dumps(plans, indent=2))
     (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
     net = _source_network(residual)
@@ -343,7 +344,7 @@ def test_build_network_refuses_card_arguments_it_cannot_trust(tiny, monkeypatch)
 
 
 # ------------------------------------------------------------------------------------ end to end
-def _ct(spacing_xyz=(0.7, 0.8, 2.5), size_xyz=(28, 36, 12), seed=0):
+def _ct(spacing_xyz=(0.7, 0.8, 2.5), size_xyz=(20, 26, 10), seed=0):
     """A CT-like volume (HU) on an axis-aligned grid at the plans' spacing: air, a body, three blobs."""
     import SimpleITK as sitk
 
@@ -442,3 +443,33 @@ def test_orientation_of_reorienting_readers_and_totalsegmentator(tiny, tmp_path)
                                                         dataset_name="Dataset291_TotalSegmentator_part1_organs_1559subj"))
     source = read_nnunet(folder)
     assert source.orientation == "RAS" and any("TotalSegmentator reorients" in n for n in source.notes)
+
+
+def test_an_imported_nnunet_model_learns_a_new_organ(tmp_path):
+    """Version 0 from nnU-Net: pgcd-dapd adds an organ (2 iterations on phantoms) through the axis wrapper."""
+    import SimpleITK as sitk
+
+    from cimis.data.manifest import Manifest
+    from cimis.data.phantom import write_phantom_dataset
+    from cimis.incremental.learn import learn_step
+    from cimis.infer import segment_image
+    from cimis.model.import_command import import_model
+    from cimis.model.modelfile import load_model, load_prototypes
+    from cimis.train import TrainConfig
+
+    # No validation case: validating is most of a 2-iteration step's time.
+    manifest = Manifest.load(write_phantom_dataset(tmp_path / "ds", num_cases=2, spacing=(8.0, 8.0, 8.0), seed=5,
+                                                   val_cases=0, test_cases=1, progress=False))
+    folder, _ = _write_folder(tmp_path / "source", spacing_zyx=[16.0, 16.0, 16.0], patch_zyx=[16, 16, 16])
+    model, _ = import_model(folder, tmp_path / "imported")
+    config = TrainConfig(iterations=2, device="cpu", val_every=2, checkpoint_every=2, learning_rate=1e-5)
+    new_model = learn_step(model, manifest, tmp_path / "step", new_classes=["stomach"], strategy="pgcd-dapd",
+                           config=config, progress=False)
+    net, card = load_model(new_model)
+    assert card.classes.names == ["liver", "spleen", "left kidney", "stomach"]
+    assert card.network.builder == "nnunet.PlainConvUNet" and net.num_channels == 5
+    bank, _ = load_prototypes(new_model, card)
+    assert bank.shape == (5, 4)  # D = the 4 features of the finest decoder stage, the final conv's input
+    image = sitk.ReadImage(str(manifest.cases_in("test")[0].image))
+    labels = sitk.GetArrayFromImage(segment_image(net, card, image, device="cpu").label)
+    assert labels.shape == sitk.GetArrayFromImage(image).shape and set(np.unique(labels)) <= {0, *card.classes.values}
