@@ -121,6 +121,7 @@ def read_nnunet(folder: Path, fold: int | str | None = None, configuration: str 
     state_dict = _network_weights(checkpoint, checkpoint_path)
     init_args = checkpoint.get("init_args")
     trained_with = init_args.get("configuration") if isinstance(init_args, dict) else None
+    trainer = checkpoint.get("trainer_name")
     del checkpoint, init_args  # the optimizer's state is as large as the weights
     if configuration is None:
         configuration = trained_with if isinstance(trained_with, str) else DEFAULT_CONFIGURATION
@@ -146,7 +147,11 @@ def read_nnunet(folder: Path, fold: int | str | None = None, configuration: str 
     with torch.device("meta"):  # names and shapes only: no memory, no initialisation
         network = build_network(builder, args)
     state_dict = {f"network.{k}": v for k, v in state_dict.items()}
-    check_state_dict(network, state_dict, checkpoint_path)
+    hint = None
+    if isinstance(trainer, str) and trainer != "nnUNetTrainer":
+        hint = (f"the checkpoint was trained by {trainer[:80]}; a trainer that builds its own network instead of "
+                f"the plans' cannot be imported")
+    check_state_dict(network, state_dict, checkpoint_path, hint)
     return SourceModel(
         kind="nnunet", builder=builder, args=args, state_dict=state_dict,
         final_conv=f"network.decoder.seg_layers.{arch_kwargs['n_stages'] - 2}",
@@ -630,7 +635,8 @@ def size_divisor(args: dict) -> list[int]:
     return divisor
 
 
-def check_state_dict(network: nn.Module, state_dict: dict[str, torch.Tensor], checkpoint: Path) -> None:
+def check_state_dict(network: nn.Module, state_dict: dict[str, torch.Tensor], checkpoint: Path,
+                     hint: str | None = None) -> None:
     """Raise one :class:`CimisError` naming ``checkpoint`` unless ``state_dict`` has exactly the network's
     parameter and buffer names, with the same shapes."""
     expected = network.state_dict()
@@ -647,4 +653,4 @@ def check_state_dict(network: nn.Module, state_dict: dict[str, torch.Tensor], ch
         problems.append(f"{len(wrong)} of another shape (first: {wrong[0]})")
     if problems:
         raise CimisError(f"{checkpoint}: the weights do not match the network of plans.json and dataset.json: "
-                         f"{'; '.join(problems)}")
+                         f"{'; '.join(problems)}", hint)

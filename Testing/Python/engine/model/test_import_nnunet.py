@@ -309,6 +309,16 @@ def test_bad_folders_name_the_file_and_key(tmp_path):
     _edit_json(folder, "dataset.json", lambda d: d["labels"].update({"pancreas": 4}))
     with pytest.raises(CimisError, match=r"checkpoint_final.pth: the weights do not match .* of another shape"):
         read_nnunet(folder)
+    # A network of another trainer: the refusal names it.
+    _edit_json(folder, "dataset.json", lambda d: d["labels"].pop("pancreas"))
+    path = folder / "fold_0" / "checkpoint_final.pth"
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint["trainer_name"] = "nnUNetTrainerMedNeXt"
+    checkpoint["network_weights"]["decoder.extra_block.weight"] = torch.zeros(1)
+    torch.save(checkpoint, path)
+    with pytest.raises(CimisError, match=r"1 unexpected \(first: network.decoder.extra_block.weight\)") as refused:
+        read_nnunet(folder)
+    assert "trained by nnUNetTrainerMedNeXt" in refused.value.one_line()
     (folder / "plans.json").unlink()
     with pytest.raises(CimisError, match=r"plans.json: missing"):
         read_nnunet(folder)
