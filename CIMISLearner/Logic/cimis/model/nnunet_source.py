@@ -211,8 +211,8 @@ def load_checkpoint(path: Path) -> dict:
     (lists of numpy float scalars), ``_best_ema`` (a numpy float), ``current_epoch``, ``init_args`` (plans,
     dataset.json, a ``torch.device``), ``trainer_name`` and ``inference_allowed_mirroring_axes``. Of the
     non-torch types only numpy's scalar constructor and ``numpy.dtype`` with its numeric dtype classes are
-    allowed (the constructor under both its numpy 1 and numpy 2 module names); anything else, such as a ``__reduce__`` payload, is refused
-    before it runs.
+    allowed (the constructor under both its numpy 1 and numpy 2 module names); anything else, such as a
+    ``__reduce__`` payload, is refused before it runs.
     """
     safe_globals = getattr(torch.serialization, "safe_globals", None)
     if safe_globals is None:
