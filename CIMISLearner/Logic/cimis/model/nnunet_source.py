@@ -423,9 +423,7 @@ def _check_arch_kwargs(builder: str, kwargs: Any, where: str) -> None:
                  "bottleneck_channels": (n, 1, MAX_FILTERS)}
     for key, (length, low, high) in per_stage.items():
         value = kwargs.get(key)
-        if value is None and key in ("bottleneck_channels",):
-            continue
-        if key not in kwargs:
+        if value is None and key not in _REQUIRED_KEYS[builder]:  # absent, or bottleneck_channels' default
             continue
         if not (isinstance(value, list) and len(value) == length and all(_int_in(v, low, high) for v in value)):
             raise CimisError(f"{where}.{key} must be a list of {length} integers from {low} to {high}")
@@ -441,7 +439,7 @@ def _check_arch_kwargs(builder: str, kwargs: Any, where: str) -> None:
             raise CimisError(f"{where}.{key} must be true or false")
     for key, table in _OP_NAMES.items():
         value = kwargs.get(key)
-        if value is not None and value not in set(table.values()):
+        if value is not None and (not isinstance(value, str) or value not in table.values()):
             raise CimisError(f"{where}.{key} is {str(value)[:60]!r}, not one of {', '.join(sorted(set(table.values())))}")
     if kwargs["conv_op"] is None:
         raise CimisError(f"{where}.conv_op must be Conv3d")

@@ -345,6 +345,14 @@ def test_build_network_refuses_card_arguments_it_cannot_trust(tiny, monkeypatch)
     bad["features_per_stage"] = [4, 8, 10**6]
     with pytest.raises(CimisError, match=r"features_per_stage must be a list of 3 integers from 1 to 1024"):
         build_network("nnunet.PlainConvUNet", bad)
+    bad = copy.deepcopy(args)
+    bad["norm_op"] = ["InstanceNorm3d"]
+    with pytest.raises(CimisError, match=r"norm_op is \"\['InstanceNorm3d'\]\", not one of"):
+        build_network("nnunet.PlainConvUNet", bad)
+    bad = copy.deepcopy(args)
+    bad["n_conv_per_stage"] = None  # required, not optional
+    with pytest.raises(CimisError, match=r"n_conv_per_stage must be a list of 3 integers"):
+        build_network("nnunet.PlainConvUNet", bad)
     with pytest.raises(CimisError, match=r"unknown nnU-Net network 'nnunet.Primus'"):
         build_network("nnunet.Primus", args)
     monkeypatch.setitem(__import__("sys").modules, "dynamic_network_architectures.architectures.unet", None)
