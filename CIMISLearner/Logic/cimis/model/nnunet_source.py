@@ -170,6 +170,8 @@ def _read_json(path: Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise CimisError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise CimisError(f"{path}: nested too deeply to be an nnU-Net {path.name}") from None
     if not isinstance(data, dict):
         raise CimisError(f"{path}: must hold a JSON object")
     return data

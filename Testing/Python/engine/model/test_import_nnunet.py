@@ -319,6 +319,12 @@ def test_bad_folders_name_the_file_and_key(tmp_path):
     with pytest.raises(CimisError, match=r"1 unexpected \(first: network.decoder.extra_block.weight\)") as refused:
         read_nnunet(folder)
     assert "trained by nnUNetTrainerMedNeXt" in refused.value.one_line()
+    (folder / "plans.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CimisError, match=r"plans.json: nested too deeply"):
+        read_nnunet(folder)
+    (folder / "plans.json").write_text("{\"configurations\": ")
+    with pytest.raises(CimisError, match=r"plans.json: not valid JSON"):
+        read_nnunet(folder)
     (folder / "plans.json").unlink()
     with pytest.raises(CimisError, match=r"plans.json: missing"):
         read_nnunet(folder)
