@@ -249,7 +249,8 @@ def cmd_import_model(args) -> None:
                                 overrides=overrides, device=args.device, overwrite=args.overwrite)
     entry = card.history[0]
     print(f"imported {entry['builder']} from {args.source} -> {folder}")
-    print(f"{len(card.classes)} classes: {', '.join(card.classes.names)}")
+    names = card.classes.names
+    print(f"{len(names)} classes: {', '.join(names[:20])}{', ...' if len(names) > 20 else ''}")
     for note in entry.get("notes", []):
         print(f"note: {note}")
     if not args.volumes:

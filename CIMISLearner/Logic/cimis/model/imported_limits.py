@@ -30,8 +30,8 @@ _PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 _DAMAGED = "the model card is damaged or was not written by CIMISLearner"
 
 
-def _bad(where: str, field: str, problem: str) -> CimisError:
-    return CimisError(f"{where}: field {field!r} {problem}", _DAMAGED)
+def _bad(where: str, field: str, problem: str, hint: str = _DAMAGED) -> CimisError:
+    return CimisError(f"{where}: field {field!r} {problem}", hint)
 
 
 def _is_int(v: Any) -> bool:
@@ -186,8 +186,18 @@ REQUIRED = {
 }
 
 
-def check_imported_args(builder: Any, args: Any, where: str, field: str = "network.args") -> None:
-    """Refuse (one line naming ``field.KEY``) constructor arguments outside the builder's schema."""
+def check_imported_args(builder: Any, args: Any, where: str, field: str = "network.args", hint: str | None = None) -> None:
+    """Refuse (one line naming ``field.KEY``) constructor arguments outside the builder's schema; ``hint``
+    replaces the damaged-card advice (for a source being imported)."""
+    try:
+        _check_args(builder, args, where, field)
+    except CimisError as exc:
+        if hint is None:
+            raise
+        raise CimisError(exc.message, hint) from None
+
+
+def _check_args(builder: Any, args: Any, where: str, field: str) -> None:
     if builder not in SCHEMAS:
         raise _bad(where, "network.builder", f"is {str(builder)[:60]!r} (supported: {', '.join(IMPORTED_BUILDERS)})")
     if not isinstance(args, dict):

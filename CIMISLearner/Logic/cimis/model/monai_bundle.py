@@ -210,7 +210,8 @@ def _network(inference: Config) -> tuple[str, dict, str]:
         args["deep_supervision"] = False
     if builder == "monai.SegResNet":
         args.pop("use_conv_final", None)
-    check_imported_args(builder, args, str(inference.path), field=f"{key}")
+    check_imported_args(builder, args, str(inference.path), field=f"{key}",
+                        hint=f"CIMISLearner imports {name} with arguments within generous bounds of real CT models")
     return builder, args, key
 
 

@@ -69,6 +69,7 @@ def test_the_exported_bundle_runs_in_monai_and_agrees_with_cimis_segment(tmp_pat
     channel_def = metadata["network_data_format"]["outputs"]["pred"]["channel_def"]
     card = json.loads((model / "card.json").read_text())
     assert list(channel_def.values()) == ["background"] + [c["name"] for c in card["classes"]]
+    assert "cimis" not in (tmp_path / "bundle" / "configs" / "inference.json").read_text().lower()
     theirs = run_bundle_with_monai(tmp_path / "bundle", image, tmp_path / "monai_out")
     assert main(["segment", "--model", str(model), "--input", str(image), "--output", str(tmp_path / "seg.nii.gz"),
                  "--device", "cpu"]) == 0

@@ -99,3 +99,14 @@ def test_volumes_give_prototypes_from_confident_predictions(tmp_path, bundle_fac
     assert bank.shape == (4, card.network.feature_dim)
     assert int(valid.sum()) >= 2 and bool(torch.isfinite(bank).all())
     assert card.history[0]["prototypes"]["targets"] == "confident predictions"
+
+
+def test_an_imported_model_starts_a_registry(tmp_path, bundle_factory, capsys):
+    assert main(["import-model", str(bundle_factory()), "--out", str(tmp_path / "m")]) == 0
+    assert main(["models", "import", str(tmp_path / "m"), "--registry", str(tmp_path / "reg"), "--activate"]) == 0
+    assert main(["models", "export", "v0001", "--registry", str(tmp_path / "reg"), "--out", str(tmp_path / "a.tar.gz")]) == 0
+    assert main(["models", "import", str(tmp_path / "a.tar.gz"), "--registry", str(tmp_path / "reg2"), "--activate"]) == 0
+    capsys.readouterr()
+    assert main(["models", "show", "--registry", str(tmp_path / "reg2"), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert "liver" in json.dumps(shown) and "monai.SegResNet" in json.dumps(shown)
