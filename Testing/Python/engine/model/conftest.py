@@ -26,7 +26,7 @@ NETWORKS = {
 }
 
 
-def ct_volume(size=(40, 36, 44), seed=0) -> sitk.Image:
+def ct_volume(size=(36, 32, 40), seed=0) -> sitk.Image:
     """A CT-like volume (HU) at the bundles' spacing in RAS: air, a body, three blobs of other densities."""
     rng = np.random.default_rng(seed)
     z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in size[::-1]], indexing="ij")

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from cimis.data.manifest import Manifest
 from cimis.data.phantom import write_phantom_dataset
 from cimis.incremental.learn import learn_step
-from cimis.infer import segment_image
 from cimis.model.import_command import import_model
 from cimis.model.modelfile import load_model, load_prototypes
 from cimis.train import TrainConfig
@@ -20,8 +17,8 @@ from .conftest import CLASS_NAMES, write_bundle
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
     out = tmp_path_factory.mktemp("import_learn")
-    manifest = Manifest.load(write_phantom_dataset(out / "ds", num_cases=3, spacing=(8.0, 8.0, 8.0), seed=5,
-                                                   val_cases=1, test_cases=1, progress=False))
+    manifest = Manifest.load(write_phantom_dataset(out / "ds", num_cases=2, spacing=(8.0, 8.0, 8.0), seed=5,
+                                                   val_cases=1, test_cases=0, progress=False))
     # The phantoms' own spacing and a small window keep each step to seconds.
     coarse = {"spacing": [8.0, 8.0, 8.0],
               "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [32, 32, 16], "sw_batch_size": 1}}
@@ -34,7 +31,8 @@ def imported(tmp_path_factory):
 def test_an_imported_model_learns_a_new_organ(imported, tmp_path, strategy):
     manifest, model = imported
     assert load_prototypes(model) is None
-    config = TrainConfig(iterations=2, device="cpu", val_every=2, checkpoint_every=2, learning_rate=1e-5)
+    config = TrainConfig(iterations=1, batch_size=1, samples_per_volume=1, device="cpu", val_every=1,
+                         checkpoint_every=1, learning_rate=1e-5, augment=False)
     new_model = learn_step(model, manifest, tmp_path / "step", new_classes=["stomach"], strategy=strategy,
                            config=config, progress=False)
     net, card = load_model(new_model)
@@ -46,6 +44,3 @@ def test_an_imported_model_learns_a_new_organ(imported, tmp_path, strategy):
     if strategy == "pgcd-dapd":
         # The old model's confident predictions gave prototypes to the old classes it predicts on the phantoms.
         assert int(valid[1:4].sum()) >= 1
-        image = sitk.ReadImage(str(manifest.cases_in("test")[0].image))
-        labels = sitk.GetArrayFromImage(segment_image(net, card, image, device="cpu").label)
-        assert set(np.unique(labels)) <= {0, *card.classes.values}
