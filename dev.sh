@@ -13,9 +13,10 @@ setup() {
   fi
   # The stamp skips the install when nothing it depends on changed since the last run.
   local stamp="$VENV/.cimis-installed" want
-  want=$(cat pyproject.toml requirements-dev.txt | sha256sum | cut -d' ' -f1)
+  want=$(cat pyproject.toml requirements-dev.txt requirements-nodeps.txt | sha256sum | cut -d' ' -f1)
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[dev]'
     echo "$want" > "$stamp"
   fi

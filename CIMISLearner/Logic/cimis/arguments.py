@@ -76,3 +76,14 @@ def non_negative_number(text: str) -> float:
 
 def names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def value_range(text: str) -> list[float]:
+    """Two different numbers ``low,high`` (for example what a CT window is mapped onto)."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if len(values) != 2 or not all(math.isfinite(v) for v in values) or values[0] == values[1]:
+        raise argparse.ArgumentTypeError(f"expected two different numbers like 0,1, got {text!r}")
+    return values

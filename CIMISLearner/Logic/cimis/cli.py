@@ -1,4 +1,5 @@
 """The ``cimis`` command: ``phantom``, ``manifest``, ``train``, ``learn``, ``segment``, ``evaluate``, ``demo``, ``story``,
+``import-model`` and ``export`` (cimis/model/import_command.py, export_bundle.py),
 ``bench`` (cimis/bench/), ``worker`` (one job file, JSON events on stdout: cimis/worker/) and ``models`` (the registry: cimis/registry/).
 
 Every subcommand turns user mistakes into one ``error: ...`` line on stderr and exit status 2; warnings
@@ -21,6 +22,7 @@ from cimis.arguments import (  # the option value types, shared with cimis bench
     names as _names,
     non_negative_number as _non_negative_number,
     positive_number as _positive_number,
+    value_range as _range,
     window as _window,
 )
 from cimis.errors import CimisError, printable, user_error_in
@@ -186,6 +188,31 @@ def cmd_worker(args) -> None:
     sys.exit(worker_main(args.job, resume=args.resume))
 
 
+def cmd_import_model(args) -> None:
+    from cimis.model.import_command import import_model
+    from cimis.model.monai_bundle import BundleOverrides
+
+    overrides = BundleOverrides(spacing=args.spacing, window=args.window, intensity_range=args.intensity_range,
+                                patch_size=args.patch_size, classes=args.classes)
+    folder, card = import_model(args.source, args.out, classes=args.classes, fold=args.fold, volumes=args.volumes,
+                                overrides=overrides, device=args.device, overwrite=args.overwrite)
+    entry = card.history[0]
+    print(f"imported {entry['builder']} from {args.source} -> {folder}")
+    names = card.classes.names
+    print(f"{len(names)} classes: {', '.join(names[:20])}{', ...' if len(names) > 20 else ''}")
+    for note in entry.get("notes", []):
+        print(f"note: {note}")
+    if not args.volumes:
+        print("note: no --volumes: the first `cimis learn` step computes the prototypes from its own images")
+
+
+def cmd_export(args) -> None:
+    from cimis.model.export_bundle import export_monai_bundle
+
+    folder = export_monai_bundle(args.model, args.out, overwrite=args.overwrite)
+    print(f"wrote MONAI bundle {folder}")
+
+
 def cmd_models(args) -> None:
     from cimis.registry import models_command
 
@@ -327,6 +354,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("import-model", help="make a MONAI bundle or an nnU-Net v2 model a CIMISLearner model folder "
+                       "(nothing from the source is executed)")
+    p.add_argument("source", help="MONAI bundle folder (configs/, models/) or nnU-Net v2 trained-model folder "
+                   "(plans.json, dataset.json, fold_N/)")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--classes", type=_names, help="comma-separated class names to keep (default: all; the others "
+                   "count as background); names the channels of a bundle whose metadata has none")
+    p.add_argument("--fold", type=_count(0), help="nnU-Net: which fold's checkpoint (default: the first present)")
+    p.add_argument("--volumes", nargs="+", metavar="CT", help="unlabelled CTs (files or DICOM folders) for the global "
+                   "prototypes (default: the first learn step computes them from its own images)")
+    p.add_argument("--spacing", type=_floats, help="model-space spacing in mm, where the bundle gives none literally")
+    p.add_argument("--window", type=_window, help="CT window LOW,HIGH in HU, where the bundle gives none literally")
+    p.add_argument("--intensity-range", type=_range, help="what --window maps onto (default 0,1)")
+    p.add_argument("--patch-size", type=_ints, help="sliding-window size in voxels, where the bundle gives none literally")
+    p.add_argument("--device", default="auto", help="for the prototypes of --volumes")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_import_model)
+
+    p = sub.add_parser("export", help="write a model as a MONAI bundle that MONAI's bundle tools run without CIMISLearner")
+    p.add_argument("model", help="model folder")
+    p.add_argument("--format", choices=["monai-bundle"], default="monai-bundle")
+    p.add_argument("--out", required=True, help="bundle folder to write")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("worker", help="run one job file (train, learn, segment); JSON events on stdout")
     p.add_argument("job", help="job file (docs/worker-protocol.md)")

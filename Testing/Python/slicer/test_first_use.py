@@ -36,8 +36,9 @@ for action, call in (("import", lambda: flow.import_model(sys.argv[5])), ("segme
         call()
     except CimisError as exc:
         refusals[action] = exc.one_line()
-# cimis.model.card_limits checks a card's fields with plain Python (no torch): the registry needs it.
-torch_free = ("cimis.model", "cimis.model.card_limits")
+# cimis.model.card_limits (with imported_limits, the bounds of imported networks) checks a card's fields with
+# plain Python (no torch): the registry needs it.
+torch_free = ("cimis.model", "cimis.model.card_limits", "cimis.model.imported_limits")
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "monai", "safetensors", "nibabel", "tqdm")
                or (m.startswith(("cimis.model", "cimis.infer", "cimis.train", "cimis.incremental", "cimis.version_check"))
                    and m not in torch_free))

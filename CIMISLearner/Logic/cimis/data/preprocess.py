@@ -46,6 +46,13 @@ class PreprocessConfig:
             soft-tissue window of the BTCV literature.
         patch_size: training patch and sliding-window size in voxels.
         crop_foreground: crop training volumes to the body (voxels brighter than the window's low end).
+        orientation: axis codes the volume is reoriented to; ``""`` keeps the file's own voxel order (an
+            nnU-Net model, which never reorients).
+        normalization: None (every model trained here: ``window`` mapped to [0, 1]) or an imported model's
+            own intensity mapping, ``{"kind": "window", "window": [lo, hi], "range": [b0, b1]}`` (clip to the
+            window, map linearly onto the range: MONAI's ScaleIntensityRanged) or
+            ``{"kind": "clip_zscore", "clip": [lo, hi], "mean": m, "std": s}`` (clip, subtract the mean,
+            divide by the standard deviation: nnU-Net's CT normalisation). It replaces ``window``.
     """
 
     spacing: list[float] = field(default_factory=lambda: [1.5, 1.5, 2.0])
@@ -53,9 +60,24 @@ class PreprocessConfig:
     patch_size: list[int] = field(default_factory=lambda: [96, 96, 96])
     crop_foreground: bool = True
     orientation: str = "RAS"
+    normalization: dict | None = None
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.normalization is None:
+            del d["normalization"]  # cards of models trained here stay as they were
+        return d
+
+    def intensity_mapping(self) -> tuple[list[float], list[float]]:
+        """``(HU window [a0, a1], output range [b0, b1])``: every normalisation here is a clipped linear map
+        (nnU-Net's clip + z-score is one, with ``b = (a - mean) / std``)."""
+        norm = self.normalization
+        if norm is None:
+            return list(self.window), [0.0, 1.0]
+        if norm["kind"] == "window":
+            return list(norm["window"]), list(norm["range"])
+        lo, hi = norm["clip"]
+        return [lo, hi], [(lo - norm["mean"]) / norm["std"], (hi - norm["mean"]) / norm["std"]]
 
     @staticmethod
     def from_json(d: dict) -> "PreprocessConfig":
@@ -96,11 +118,13 @@ def model_space_transforms(config: PreprocessConfig, with_label: bool) -> Compos
     """Deterministic: reorient, resample to the target spacing, window and scale the CT intensities."""
     keys = ["image", "label"] if with_label else ["image"]
     modes = ["bilinear", "nearest"] if with_label else ["bilinear"]
-    low, high = config.window
-    return Compose([
-        Orientationd(keys, axcodes=config.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+    (low, high), (b_min, b_max) = config.intensity_mapping()
+    steps = []
+    if config.orientation:  # "" keeps the file's voxel order (nnU-Net)
+        steps.append(Orientationd(keys, axcodes=config.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
+    return Compose(steps + [
         Spacingd(keys, pixdim=config.spacing, mode=modes, dtype=np.float32),
-        ScaleIntensityRanged("image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
+        ScaleIntensityRanged("image", a_min=low, a_max=high, b_min=b_min, b_max=b_max, clip=True),
     ])
 
 
@@ -108,8 +132,9 @@ def training_transforms(config: PreprocessConfig, num_channels: int) -> Compose:
     """Deterministic, cacheable part of training: model space, body crop, pad to patch, class indices."""
     steps = [model_space_transforms(config, with_label=True)]
     if config.crop_foreground:
-        # After windowing, anything darker than the window's low end (air, lung) is exactly 0.
-        steps.append(CropForegroundd(["image", "label"], source_key="image", select_fn=lambda x: x > 0, margin=2))
+        # After windowing, anything darker than the window's low end (air, lung) is exactly its image b0.
+        floor = config.intensity_mapping()[1][0]
+        steps.append(CropForegroundd(["image", "label"], source_key="image", select_fn=lambda x: x != floor, margin=2))
     steps += [
         SpatialPadd(["image", "label"], spatial_size=config.patch_size),
         # Voxel indices per class, computed once, so balanced sampling is cheap every iteration.

@@ -123,6 +123,8 @@ def learn_step(
     targets_of = None if getattr(cls, "fresh_start", False) else trainer.final_targets()
     prototypes = global_prototypes(student, volumes, old_card.preprocessing.patch_size, trainer.device,
                                    targets_of, config.amp)
+    # An imported model without prototypes got them from this step's images before training (pgcd-dapd).
+    old_prototypes = old_prototypes if old_prototypes is not None else getattr(trainer, "old_prototypes", None)
     if old_prototypes is not None and not getattr(cls, "fresh_start", False):
         # An old organ absent from this step's data keeps the prototype it had (METHOD.md section 4 computes
         # prototypes over the step's voxels; an organ nobody scanned this time has none to offer).

@@ -172,3 +172,41 @@ def global_prototypes(
     net.train(was_training)
     accumulator.reduce_across_ranks()
     return accumulator.result()
+
+
+# An imported model's prediction counts as a prototype target where its probability is at least this
+# (docs/method.md: prototypes of an imported model).
+CONFIDENCE = 0.9
+
+
+@torch.no_grad()
+def confident_prototypes(
+    net: torch.nn.Module, images: list[torch.Tensor], patch_size, device: torch.device,
+    confidence: float = CONFIDENCE, amp: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global prototypes of a model that came without labelled data (an imported one): over unlabelled
+    model-space ``images`` ``(1, X, Y, Z)``, each voxel's target is the model's own predicted channel where
+    its softmax probability is at least ``confidence``, and no target elsewhere.
+
+    Returns ``(C, D)`` prototypes and the ``(C,)`` mask of channels predicted confidently somewhere.
+    """
+    from cimis.device import autocast
+    from cimis.infer import iterate_tiles
+
+    was_training = net.training
+    net.eval()
+    accumulator = None
+    for image in images:
+        for tile, _, valid in iterate_tiles(image, None, patch_size):
+            tile, valid = tile.to(device), valid.to(device)
+            with autocast(device, amp):
+                logits, features = net.forward_with_features(tile)
+            if accumulator is None:
+                accumulator = PrototypeAccumulator(logits.shape[1], features.shape[1], features.device)
+            probability, channel = torch.softmax(logits.float(), 1).max(1)
+            keep = valid & (probability >= confidence)
+            accumulator.add(features.float(), torch.where(keep, channel, torch.full_like(channel, IGNORE)))
+    net.train(was_training)
+    if accumulator is None:
+        raise CimisError("no image to compute prototypes from")
+    return accumulator.result()

@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from cimis.errors import CimisError
+from cimis.model.imported_limits import IMPORTED_FIELDS, check_imported_network
 
 MAX_CLASSES = 1000
 MAX_CLASS_NAME = 256
@@ -24,7 +25,8 @@ MAX_STRIDE = 4
 MAX_PATCH_AXIS = 1024
 MAX_PATCH_VOXELS = 512**3
 MAX_RES_UNITS = 8
-ARCHITECTURES = ("dynunet", "unet")
+ARCHITECTURES = ("dynunet", "unet", "imported")
+MAX_HU = 1e5
 _AXES = {"L": "LR", "R": "LR", "A": "AP", "P": "AP", "S": "SI", "I": "SI"}
 
 _DAMAGED = "the model card is damaged or was not written by CIMISLearner"
@@ -101,6 +103,12 @@ def _check_network(network: dict, where: str) -> None:
     arch = network.get("arch", "dynunet")
     if arch not in ARCHITECTURES:
         raise _bad(where, "network.arch", f"is {str(arch)[:40]!r} (known: {', '.join(ARCHITECTURES)})")
+    if arch == "imported":
+        check_imported_network(network, where)
+        return
+    stray = set(network) & (IMPORTED_FIELDS - {"arch"})
+    if stray:
+        raise _bad(where, f"network.{sorted(stray)[0]}", f"belongs to imported networks, not to {arch}")
     if network.get("in_channels", 1) != 1 or isinstance(network.get("in_channels", 1), bool):
         raise _bad(where, "network.in_channels", "must be 1 (a CT volume has one channel)")
     filters = network.get("filters", [8, 16, 32, 64])
@@ -148,12 +156,44 @@ def _check_preprocessing(pre: dict, network: dict, where: str) -> None:
         raise _bad(where, "preprocessing.patch_size", f"must be three sizes from 1 to {MAX_PATCH_AXIS} voxels")
     if patch[0] * patch[1] * patch[2] > MAX_PATCH_VOXELS:
         raise _bad(where, "preprocessing.patch_size", f"{patch} holds more than {MAX_PATCH_VOXELS} voxels")
-    divisor = size_divisor(network.get("strides", [1, 2, 2, 2]))
+    if network.get("arch") == "imported":
+        divisor = network["divisor"]
+    else:
+        divisor = size_divisor(network.get("strides", [1, 2, 2, 2]))
     if any(p % d for p, d in zip(patch, divisor)):
         raise _bad(where, "preprocessing.patch_size", f"{patch} is not a multiple of the network's stride {divisor}")
     if not isinstance(pre.get("crop_foreground", True), bool):
         raise _bad(where, "preprocessing.crop_foreground", "must be true or false")
     orientation = pre.get("orientation", "RAS")
-    if (not isinstance(orientation, str) or len(orientation) != 3
-            or sorted(_AXES.get(c, "?") for c in orientation) != ["AP", "LR", "SI"]):
-        raise _bad(where, "preprocessing.orientation", "must be an orientation code like RAS")
+    if orientation != "" and (not isinstance(orientation, str) or len(orientation) != 3
+                              or sorted(_AXES.get(c, "?") for c in orientation) != ["AP", "LR", "SI"]):
+        raise _bad(where, "preprocessing.orientation", "must be an orientation code like RAS (or \"\": keep the file's)")
+    if "normalization" in pre:
+        check_normalization(pre["normalization"], where, "preprocessing.normalization")
+
+
+def check_normalization(norm: Any, where: str, field: str) -> None:
+    """``{"kind": "window", "window": [lo, hi], "range": [b0, b1]}`` or
+    ``{"kind": "clip_zscore", "clip": [lo, hi], "mean": m, "std": s}`` with finite values in bounds."""
+    def pair(value, low, high, ordered=True):
+        return (isinstance(value, list) and len(value) == 2 and all(_number_in(v, low, high) for v in value)
+                and (value[0] < value[1] if ordered else value[0] != value[1]))
+
+    if not isinstance(norm, dict) or norm.get("kind") not in ("window", "clip_zscore"):
+        raise _bad(where, f"{field}.kind", "must be 'window' or 'clip_zscore'")
+    if norm["kind"] == "window":
+        if set(norm) != {"kind", "window", "range"}:
+            raise _bad(where, field, "of kind 'window' must hold exactly kind, window and range")
+        if not pair(norm["window"], -MAX_HU, MAX_HU):
+            raise _bad(where, f"{field}.window", "must be two HU values, low below high")
+        if not pair(norm["range"], -1e4, 1e4, ordered=False):
+            raise _bad(where, f"{field}.range", "must be two different numbers from -10000 to 10000")
+    else:
+        if set(norm) != {"kind", "clip", "mean", "std"}:
+            raise _bad(where, field, "of kind 'clip_zscore' must hold exactly kind, clip, mean and std")
+        if not pair(norm["clip"], -MAX_HU, MAX_HU):
+            raise _bad(where, f"{field}.clip", "must be two HU values, low below high")
+        if not _number_in(norm["mean"], -MAX_HU, MAX_HU):
+            raise _bad(where, f"{field}.mean", "must be a finite HU value")
+        if not _number_in(norm["std"], 1e-3, MAX_HU):
+            raise _bad(where, f"{field}.std", "must be a positive number from 0.001 to 100000")

@@ -241,8 +241,9 @@ def _refuse_pickled_tensors(path: Path) -> None:
 
 def _expected_tensors(card: ModelCard) -> dict[str, torch.Tensor]:
     """The network's tensors as the card describes it, built on the meta device (nothing is allocated)."""
-    with torch.device("meta"):
-        probe = SegmentationNet(card.network, card.classes.num_channels)
+    from cimis.model.imported import build_on_meta
+
+    probe = build_on_meta(lambda: SegmentationNet(card.network, card.classes.num_channels))
     return {**dict(probe.named_parameters()), **dict(probe.named_buffers())}
 
 

@@ -12,6 +12,8 @@ Two backbones:
   ``out_channels = D`` so that its last (linear) layer gives D features at full resolution. Much cheaper
   per voxel, and on two CPU cores it learns several times faster than a DynUNet of similar cost: the
   ``small`` preset for CPUs, the demo and tests.
+- ``imported``: a network imported from another tool (a MONAI bundle, an nnU-Net model) keeps its own
+  architecture; its final 1x1x1 convolution becomes the head (:mod:`cimis.model.imported`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 
 from cimis.errors import CimisError
 from cimis.model.head import GrowableHead
+from cimis.model.imported_limits import IMPORTED_FIELDS
 
 # nnU-Net's channel schedule for 3D full-resolution networks (Isensee et al., Nature Methods 2021).
 NNUNET_FILTERS = (32, 64, 128, 256, 320, 320)
@@ -37,7 +40,10 @@ class NetworkConfig:
     ``dynunet``: ``kernel_sizes`` and ``strides`` have one entry per resolution level (the first stride is
     1); per-axis entries are allowed (anisotropic data), as in MONAI's DynUNet. ``unet``: ``filters`` are
     the channels per level and ``strides`` has one entry fewer (every level downsamples);
-    ``kernel_sizes`` is unused.
+    ``kernel_sizes`` is unused. ``imported``: ``builder`` names the constructor (cimis.model.imported),
+    ``args`` are its keyword arguments, ``final_conv`` the path of the 1x1x1 convolution that the head
+    replaces ("" when the network has none), ``features`` is D and ``divisor`` the network's total stride
+    per axis; ``filters``, ``kernel_sizes``, ``strides`` and the rest are unused.
     """
 
     arch: str = "dynunet"
@@ -48,15 +54,24 @@ class NetworkConfig:
     norm: str = "instance"
     res_block: bool = False  # dynunet: residual conv blocks
     num_res_units: int = 1  # unet: residual units per level
+    builder: str = ""  # imported
+    args: dict = field(default_factory=dict)
+    final_conv: str = ""
+    features: int = 0
+    divisor: list = field(default_factory=list)
 
     @property
     def feature_dim(self) -> int:
         """D, the channel count of the features the head reads (the finest decoder level)."""
+        if self.arch == "imported":
+            return int(self.features)
         return int(self.filters[0])
 
     @property
     def size_divisor(self) -> list[int]:
         """Patch sizes must be multiples of this per axis (the product of the strides)."""
+        if self.arch == "imported":
+            return [int(d) for d in self.divisor]
         div = [1, 1, 1]
         for s in self.strides:
             s3 = s if isinstance(s, (list, tuple)) else [s] * 3
@@ -64,7 +79,15 @@ class NetworkConfig:
         return div
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.arch == "imported":
+            return {k: d[k] for k in IMPORTED_FIELDS}
+        return {k: v for k, v in d.items() if k not in IMPORTED_FIELDS or k == "arch"}
+
+    @staticmethod
+    def imported(builder: str, args: dict, final_conv: str, features: int, divisor: list[int]) -> "NetworkConfig":
+        return NetworkConfig(arch="imported", filters=[], kernel_sizes=[], strides=[], builder=builder, args=args,
+                             final_conv=final_conv, features=int(features), divisor=[int(d) for d in divisor])
 
     @staticmethod
     def from_json(d: dict) -> "NetworkConfig":
@@ -126,6 +149,15 @@ class SegmentationNet(nn.Module):
         self.backbone = build_backbone(config)
         self.head = GrowableHead(config.feature_dim, num_channels)
 
+    @staticmethod
+    def assemble(config: NetworkConfig, backbone: nn.Module, head: GrowableHead) -> "SegmentationNet":
+        """A network from an already built backbone and head (an import: the source's own weights, without
+        building a second copy of them)."""
+        net = SegmentationNet.__new__(SegmentationNet)
+        nn.Module.__init__(net)
+        net.config, net.backbone, net.head = config, backbone, head
+        return net
+
     @property
     def num_channels(self) -> int:
         return self.head.num_channels
@@ -147,6 +179,10 @@ def build_backbone(config: NetworkConfig) -> nn.Module:
             spatial_dims=3, in_channels=config.in_channels, out_channels=config.feature_dim,
             channels=config.filters, strides=config.strides, num_res_units=config.num_res_units, norm=norm,
         )
+    if config.arch == "imported":
+        from cimis.model.imported import ImportedBackbone
+
+        return ImportedBackbone(config.builder, config.args, config.final_conv)
     if config.arch == "dynunet":
         backbone = DynUNet(
             spatial_dims=3,
@@ -161,4 +197,4 @@ def build_backbone(config: NetworkConfig) -> nn.Module:
         )
         backbone.output_block = nn.Identity()  # the head is the classifier
         return backbone
-    raise CimisError(f"unknown network architecture {config.arch!r}", "this version knows 'dynunet' and 'unet'")
+    raise CimisError(f"unknown network architecture {config.arch!r}", "this version knows 'dynunet', 'unet' and 'imported'")

@@ -9,6 +9,8 @@ of them down at once, and in a step's budget they never come back (docs/method.m
 (``lambda_f = 0``, chosen on validation phantoms: it slowed the new organs and kept no old one better;
 ``--lambda-f`` turns it on). These defaults live in method_settings.json with their sources. The
 background prototype goes into the step's checkpoints, so a resumed step continues its moving average.
+A model without prototypes (one imported without ``--volumes``) gets them before training from the step's
+own images, with the old model's confident predictions as targets (docs/method.md).
 """
 
 import torch
@@ -27,12 +29,15 @@ class PGCDDAPD(IncrementalTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.old_prototypes is None:
-            raise CimisError("the previous model has no global prototypes, which pgcd-dapd needs",
-                             "retrain it with this version, or use another strategy")
         o = self.options
-        bank, valid = self.old_prototypes
-        self.bank = PrototypeBank(bank[: self.n_old], valid[: self.n_old], o.momentum, o.dynamic_background).to(self.device)
+        self._pending_background_state = None
+        if self.old_prototypes is None:
+            if not self.imported_old_model():
+                raise CimisError("the previous model has no global prototypes, which pgcd-dapd needs",
+                                 "retrain it with this version, or use another strategy")
+            self.bank = None  # computed in before_training, from the step's own images
+        else:
+            self._make_bank(*self.old_prototypes)
         self.pgcd = PGCDLoss(o.lambda_f, o.lambda_o, o.tau_s, o.tau_c, o.spatial_weight, o.channel_weight, o.output_term)
         self.dapd = DAPDLoss(o.lambda_p, o.dapd_global, o.dapd_local)
         self._background_update = None
@@ -46,11 +51,33 @@ class PGCDDAPD(IncrementalTrainer):
         self._background_update = (old_features.detach(), targets.detach())
         return loss + pgcd + dapd, {**parts, **pgcd_parts, **dapd_parts}
 
+    def imported_old_model(self) -> bool:
+        return getattr(self.old_net.config, "arch", "") == "imported"
+
+    def _make_bank(self, bank, valid) -> None:
+        o = self.options
+        self.bank = PrototypeBank(bank[: self.n_old], valid[: self.n_old], o.momentum, o.dynamic_background).to(self.device)
+
+    def before_training(self, train_cases, manifest_classes) -> None:
+        super().before_training(train_cases, manifest_classes)
+        if self.bank is None:
+            from cimis.incremental.prototypes import confident_prototypes
+
+            volumes = getattr(self, "train_volumes", None) or self.model_space_volumes(train_cases, manifest_classes)
+            self.old_prototypes = confident_prototypes(self.old_net, [v["image"] for v in volumes],
+                                                       self.preprocess.patch_size, self.device, amp=self.config.amp)
+            self._make_bank(*self.old_prototypes)
+            if self._pending_background_state is not None:
+                self.bank.load_background_state(self._pending_background_state)
+
     def checkpoint_state(self) -> dict:
         return self.bank.background_state()
 
     def restore_checkpoint_state(self, state: dict) -> None:
-        self.bank.load_background_state(state)
+        if self.bank is None:
+            self._pending_background_state = state  # applied once the prototypes exist (before_training)
+        else:
+            self.bank.load_background_state(state)
 
     def replicated_state(self) -> list[torch.Tensor]:
         return [*super().replicated_state(), self.bank.prototypes, self.bank.valid.float()]
