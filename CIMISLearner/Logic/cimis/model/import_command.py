@@ -138,10 +138,13 @@ def import_source(
                         for n, i in enumerate(kept)])
     divisor = _divisor(model)
     config = NetworkConfig.imported(model.builder, model.args, model.final_conv, weight.shape[1], divisor)
+    if not model.normalization:
+        raise CimisError(f"the {model.kind} source gives no intensity normalisation", "give the CT window with --window")
+    normalization = dict(model.normalization)
     preprocessing = PreprocessConfig(spacing=[float(s) for s in model.spacing], patch_size=[int(p) for p in model.patch_size],
-                                     orientation=model.orientation, normalization=dict(model.normalization) or None)
-    if preprocessing.normalization and preprocessing.normalization.get("kind") == "window":
-        preprocessing.window = list(preprocessing.normalization["window"])
+                                     orientation=model.orientation, normalization=normalization)
+    # window: the HU range the model sees (the body crop and readers of older cards use it).
+    preprocessing.window = [float(v) for v in normalization.get("window", normalization.get("clip", preprocessing.window))]
     entry = {
         "step": 0, "kind": "import", "source": model.kind, "source_path": source_path, "builder": model.builder,
         "source_classes": len(model.class_names), "kept_classes": classes.names, "notes": list(model.notes),

@@ -157,3 +157,12 @@ def test_a_card_with_absurd_imported_arguments_is_refused(tmp_path, bundle_facto
     card_path.write_text(json.dumps(changed))
     code, err = run(capsys, "segment", "--model", tmp_path / "m", "--input", "x.nii.gz", "--output", tmp_path / "s.nii.gz")
     assert code == 2 and "preprocessing.normalization.std" in err, err
+
+
+def test_a_bundle_without_class_names_takes_them_from_classes(tmp_path, bundle_factory, capsys):
+    bundle = bundle_factory(metadata_changes={"network_data_format": {"outputs": {"pred": {"num_channels": 4}}}})
+    line = refused(capsys, tmp_path, bundle)
+    assert "configs/metadata.json" in line and "channel_def" in line and "--classes" in line
+    code, err = run(capsys, "import-model", bundle, "--out", tmp_path / "m", "--classes", "a,b,c")
+    assert code == 0, err
+    assert load_model(tmp_path / "m")[1].classes.names == ["a", "b", "c"]
