@@ -306,9 +306,11 @@ def _preprocessing(inference: Config, overrides: BundleOverrides, notes: list[st
             window, value_range = [float(values[0]), float(values[1])], [float(values[2]), float(values[3])]
             clip = inference.literal(spec.get("clip", False), f"{key}::clip", None)
         elif name in UNSUPPORTED_INTENSITY and overrides.window is None:
-            raise CimisError(f"{inference.name}: {key} normalises intensities with {name}, which CIMISLearner does "
-                             "not support (it maps CT values with a fixed window)",
-                             "give the CT window the model expects with --window LOW,HIGH (and --intensity-range)")
+            raise CimisError(f"{inference.name}: {key} normalises intensities with {name}, by each image's own "
+                             "statistics, which CIMISLearner does not support (it maps CT values with a fixed window)",
+                             "give the fixed mapping closest to it with --window=LOW,HIGH and --intensity-range=B0,B1, "
+                             "e.g. --window=-1024,3071 --intensity-range=-1,1 for NormalizeIntensityd + "
+                             "ScaleIntensityd(minv=-1, maxv=1) on CTs spanning -1024..3071 HU")
     if overrides.spacing is not None:
         spacing = list(overrides.spacing)
     if spacing is None:
