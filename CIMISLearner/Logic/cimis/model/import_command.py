@@ -125,6 +125,12 @@ def import_source(
     net = load_source_network(model)
     out_channels = model.args.get("out_channels", model.args.get("num_classes", len(model.class_names) + 1))
     backbone, weight, bias = split_head(net, model.final_conv, int(out_channels))
+    if model.head is not None:  # the network is followed by its own 1x1x1 convolution: that is the head
+        head_weight, head_bias = model.head
+        if tuple(head_weight.shape) != (head_weight.shape[0], weight.shape[1], 1, 1, 1) or head_bias.shape != head_weight.shape[:1]:
+            raise CimisError(f"{_weights_name(model)}: the 1x1x1 convolution after the network has shape "
+                             f"{list(head_weight.shape)}, which does not fit the network's {weight.shape[1]} outputs")
+        weight, bias = head_weight.detach().reshape(head_weight.shape[0], -1).float(), head_bias.detach().float()
     if weight.shape[0] != len(model.class_names) + 1:
         raise CimisError(f"the network has {weight.shape[0]} output channels but the source names "
                          f"{len(model.class_names)} classes besides background",
