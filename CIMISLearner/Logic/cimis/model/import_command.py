@@ -180,9 +180,16 @@ def model_space_images(paths: Sequence[str | Path], preprocessing: PreprocessCon
     """Unlabelled CTs (files or DICOM folders) in the model's space, each ``(1, X, Y, Z)``."""
     from cimis.data.io import read_image
     from cimis.data.preprocess import model_space_transforms, sitk_to_metatensor
+    from cimis.data.validation import check_3d, check_finite
 
     transform = model_space_transforms(preprocessing, with_label=False)
-    return [transform({"image": sitk_to_metatensor(read_image(p))})["image"] for p in paths]
+    images = []
+    for path in paths:
+        image = read_image(path)
+        check_3d(image, str(path))
+        check_finite(image, str(path))
+        images.append(transform({"image": sitk_to_metatensor(image)})["image"])
+    return images
 
 
 def import_model(

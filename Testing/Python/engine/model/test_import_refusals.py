@@ -166,3 +166,9 @@ def test_a_bundle_without_class_names_takes_them_from_classes(tmp_path, bundle_f
     code, err = run(capsys, "import-model", bundle, "--out", tmp_path / "m", "--classes", "a,b,c")
     assert code == 0, err
     assert load_model(tmp_path / "m")[1].classes.names == ["a", "b", "c"]
+
+
+def test_a_bad_prototype_volume_is_refused_and_nothing_written(tmp_path, bundle_factory, capsys):
+    (tmp_path / "notct.nii.gz").write_bytes(b"not an image")
+    line = refused(capsys, tmp_path, bundle_factory(), "--volumes", tmp_path / "notct.nii.gz")
+    assert "notct.nii.gz" in line
