@@ -138,6 +138,32 @@ def test_classes_keeps_exactly_the_named_channels(tmp_path, bundle_factory, caps
     source = net.conv_final[2].conv
     torch.testing.assert_close(imported.head.conv.weight, source.weight[[0, 2, 3]])
     torch.testing.assert_close(imported.head.conv.bias, source.bias[[0, 2, 3]])
+    # Every voxel the full model gives to a kept class keeps it; the others move to a kept channel.
+    from cimis.infer import segment_image
+
+    from .conftest import ct_volume
+
+    full_net, full_card = load_model(_import_all(capsys, net, tmp_path))
+    image = ct_volume()
+    full = sitk_array(segment_image(full_net, full_card, image, device="cpu").label)
+    subset = sitk_array(segment_image(imported, card, image, device="cpu").label)
+    kept = (full == 2) | (full == 3)
+    assert kept.sum() > 100 and (subset[kept] == full[kept]).all()
+    assert not (subset == 1).any()
+
+
+def sitk_array(image):
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(image)
+
+
+def _import_all(capsys, net, tmp_path):
+    from .conftest import write_bundle
+
+    bundle = write_bundle(tmp_path / "full_bundle", "SegResNet", net=net)
+    assert run(capsys, "import-model", bundle, "--out", tmp_path / "full")[0] == 0
+    return tmp_path / "full"
 
 
 def test_a_card_with_absurd_imported_arguments_is_refused(tmp_path, bundle_factory, capsys):
