@@ -23,7 +23,6 @@ import torch
 
 from cimis import __version__
 from cimis.errors import CimisError
-from cimis.model.imported import MONAI_FINAL_CONV
 from cimis.model.modelfile import load_model
 from cimis.model.network import NetworkConfig, SegmentationNet
 

@@ -125,6 +125,12 @@ def import_source(
     net = load_source_network(model)
     out_channels = model.args.get("out_channels", model.args.get("num_classes", len(model.class_names) + 1))
     backbone, weight, bias = split_head(net, model.final_conv, int(out_channels))
+    if model.head is not None:  # the network is followed by its own 1x1x1 convolution: that is the head
+        head_weight, head_bias = model.head
+        if tuple(head_weight.shape) != (head_weight.shape[0], weight.shape[1], 1, 1, 1) or head_bias.shape != head_weight.shape[:1]:
+            raise CimisError(f"{_weights_name(model)}: the 1x1x1 convolution after the network has shape "
+                             f"{list(head_weight.shape)}, which does not fit the network's {weight.shape[1]} outputs")
+        weight, bias = head_weight.detach().reshape(head_weight.shape[0], -1).float(), head_bias.detach().float()
     if weight.shape[0] != len(model.class_names) + 1:
         raise CimisError(f"the network has {weight.shape[0]} output channels but the source names "
                          f"{len(model.class_names)} classes besides background",
@@ -138,10 +144,13 @@ def import_source(
                         for n, i in enumerate(kept)])
     divisor = _divisor(model)
     config = NetworkConfig.imported(model.builder, model.args, model.final_conv, weight.shape[1], divisor)
+    if not model.normalization:
+        raise CimisError(f"the {model.kind} source gives no intensity normalisation", "give the CT window with --window")
+    normalization = dict(model.normalization)
     preprocessing = PreprocessConfig(spacing=[float(s) for s in model.spacing], patch_size=[int(p) for p in model.patch_size],
-                                     orientation=model.orientation, normalization=dict(model.normalization) or None)
-    if preprocessing.normalization and preprocessing.normalization.get("kind") == "window":
-        preprocessing.window = list(preprocessing.normalization["window"])
+                                     orientation=model.orientation, normalization=normalization)
+    # window: the HU range the model sees (the body crop and readers of older cards use it).
+    preprocessing.window = [float(v) for v in normalization.get("window", normalization.get("clip", preprocessing.window))]
     entry = {
         "step": 0, "kind": "import", "source": model.kind, "source_path": source_path, "builder": model.builder,
         "source_classes": len(model.class_names), "kept_classes": classes.names, "notes": list(model.notes),
@@ -167,9 +176,16 @@ def model_space_images(paths: Sequence[str | Path], preprocessing: PreprocessCon
     """Unlabelled CTs (files or DICOM folders) in the model's space, each ``(1, X, Y, Z)``."""
     from cimis.data.io import read_image
     from cimis.data.preprocess import model_space_transforms, sitk_to_metatensor
+    from cimis.data.validation import check_3d, check_finite
 
     transform = model_space_transforms(preprocessing, with_label=False)
-    return [transform({"image": sitk_to_metatensor(read_image(p))})["image"] for p in paths]
+    images = []
+    for path in paths:
+        image = read_image(path)
+        check_3d(image, str(path))
+        check_finite(image, str(path))
+        images.append(transform({"image": sitk_to_metatensor(image)})["image"])
+    return images
 
 
 def import_model(

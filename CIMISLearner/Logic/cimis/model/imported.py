@@ -120,6 +120,8 @@ class ImportedBackbone(nn.Module):
             set_module(self.net, final_conv, nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(x) is not torch.Tensor:  # a MONAI MetaTensor: its per-operation bookkeeping costs more than
+            x = x.as_subclass(torch.Tensor)  # a small network's convolutions, and nothing here reads its metadata
         out = self.net(x)
         if isinstance(out, (list, tuple)):  # a network that still returns deep-supervision outputs
             out = out[0]

@@ -40,6 +40,9 @@ KNOWN_UNSUPPORTED = ("BasicUNet", "AttentionUnet", "VNet", "HighResNet", "SegRes
 UNSUPPORTED_INTENSITY = ("NormalizeIntensityd", "ScaleIntensityd", "ScaleIntensityRangePercentilesd",
                          "ThresholdIntensityd", "ClipIntensityPercentilesd", "HistogramNormalized")
 _EXPRESSION = re.compile(r"^\s*[$%]")
+# The one expression recognised (as text, never evaluated): a network followed by a 1x1x1 convolution, as
+# `cimis export` writes networks without a final 1x1x1 convolution (UNet).
+_SEQUENTIAL = re.compile(r"^\$torch\.nn\.Sequential\(@([A-Za-z_][A-Za-z0-9_]*),\s*@([A-Za-z_][A-Za-z0-9_]*)\)$")
 
 
 class BundleOverrides:
@@ -162,10 +165,18 @@ def read_monai_bundle(folder: Path, overrides: BundleOverrides | None = None) ->
     inference = Config(inference_path, read_config(inference_path), folder)
     notes: list[str] = []
 
-    builder, args, network_key = _network(inference)
+    head_key = None
+    sequential = _SEQUENTIAL.match(str(inference.data.get("network_def", "")))
+    if sequential:
+        builder, args, network_key = _network(inference, sequential.group(1))
+        head_key = _head_conv(inference, sequential.group(2), args)
+    else:
+        builder, args, network_key = _network(inference)
     final_conv = MONAI_FINAL_CONV[builder]
     out_channels = args.get("out_channels")
-    class_names = _class_names(metadata, out_channels, overrides, notes)
+    if head_key is not None:
+        out_channels = inference.data[head_key]["out_channels"]
+    class_names, label_values = _class_names(metadata, out_channels, overrides, notes)
     spacing, orientation, normalization = _preprocessing(inference, overrides, notes)
     patch_size = _patch_size(inference, builder, args, overrides)
     divisor = monai_size_divisor(builder, args)
@@ -173,17 +184,41 @@ def read_monai_bundle(folder: Path, overrides: BundleOverrides | None = None) ->
         raise CimisError(f"{inference.name}: the sliding-window size {patch_size} is not a multiple of the network's "
                          f"total stride {divisor}", "give a fitting size with --patch-size")
     state_dict = _weights(folder)
+    head = None
+    if head_key is not None:
+        if builder != "monai.UNet":
+            raise CimisError(f"{inference.name}: network_def adds a 1x1x1 convolution to {builder}, which has its own",
+                             "only a UNet is followed by one")
+        try:
+            head = (state_dict.pop("1.weight"), state_dict.pop("1.bias"))
+        except KeyError:
+            raise CimisError(f"{folder}: the weights lack '1.weight' and '1.bias' of network_def's second part") from None
+        state_dict = {k[2:] if k.startswith("0.") else k: v for k, v in state_dict.items()}
     return SourceModel(
         kind="monai-bundle", builder=builder, args=args, state_dict=state_dict, final_conv=final_conv,
-        class_names=class_names, label_values=list(range(1, len(class_names) + 1)), spacing=spacing,
-        patch_size=patch_size, orientation=orientation, normalization=normalization, notes=notes,
+        class_names=class_names, label_values=label_values, spacing=spacing,
+        patch_size=patch_size, orientation=orientation, normalization=normalization, notes=notes, head=head,
     )
 
 
-def _network(inference: Config) -> tuple[str, dict, str]:
-    key = next((k for k in NETWORK_KEYS if isinstance(inference.data.get(k), (dict, str))
-                and _is_network(inference, k)), None)
+def _head_conv(inference: Config, key: str, network_args: dict) -> str:
+    """Check the 1x1x1 ``torch.nn.Conv3d`` entry ``key`` that follows the network; returns the key."""
+    spec = inference.data.get(key)
+    if not isinstance(spec, dict) or spec.get("_target_") not in ("torch.nn.Conv3d", "Conv3d"):
+        raise CimisError(f"{inference.name}: {key} (the second part of network_def) is not a torch.nn.Conv3d")
+    values = {k: inference.literal(spec.get(k), f"{key}::{k}", None) for k in ("in_channels", "out_channels", "kernel_size")}
+    if values["kernel_size"] not in (1, [1, 1, 1]) or values["in_channels"] != network_args.get("out_channels") \
+            or not isinstance(values["out_channels"], int) or not 2 <= values["out_channels"] <= 1001:
+        raise CimisError(f"{inference.name}: {key} must be a 1x1x1 Conv3d from the network's "
+                         f"{network_args.get('out_channels')} output channels to the classes")
+    return key
+
+
+def _network(inference: Config, key: str | None = None) -> tuple[str, dict, str]:
     if key is None:
+        key = next((k for k in NETWORK_KEYS if isinstance(inference.data.get(k), (dict, str))
+                    and _is_network(inference, k)), None)
+    if key is None or not isinstance(inference.data.get(key), (dict, str)):
         raise CimisError(f"{inference.name}: no network_def with a _target_ network found",
                          "the bundle must define its network as {\"_target_\": \"SegResNet\", ...}")
     raw = inference.data[key]
@@ -227,7 +262,25 @@ def _is_network(inference: Config, key: str) -> bool:
     return isinstance(raw, dict) and "_target_" in raw
 
 
-def _class_names(metadata: Config, out_channels: Any, overrides: BundleOverrides, notes: list[str]) -> list[str]:
+def _class_names(metadata: Config, out_channels: Any, overrides: BundleOverrides,
+                 notes: list[str]) -> tuple[list[str], list[int]]:
+    """Class names in channel order and their label values: the channel numbers, or the output's
+    ``label_values`` {name: value} where the bundle gives them (bundles written by ``cimis export``)."""
+    names = _channel_names(metadata, out_channels, overrides, notes)
+    values = list(range(1, len(names) + 1))
+    try:
+        outputs = metadata.lookup("network_data_format::outputs")
+        given = next((o.get("label_values") for o in outputs.values() if isinstance(o, dict) and "label_values" in o), None)
+    except (KeyError, AttributeError):
+        given = None
+    if isinstance(given, dict) and set(given) == set(names) and all(
+            isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65535 for v in given.values()) \
+            and len(set(given.values())) == len(names):
+        values = [given[n] for n in names]
+    return names, values
+
+
+def _channel_names(metadata: Config, out_channels: Any, overrides: BundleOverrides, notes: list[str]) -> list[str]:
     try:
         outputs = metadata.lookup("network_data_format::outputs")
     except KeyError:
@@ -306,9 +359,11 @@ def _preprocessing(inference: Config, overrides: BundleOverrides, notes: list[st
             window, value_range = [float(values[0]), float(values[1])], [float(values[2]), float(values[3])]
             clip = inference.literal(spec.get("clip", False), f"{key}::clip", None)
         elif name in UNSUPPORTED_INTENSITY and overrides.window is None:
-            raise CimisError(f"{inference.name}: {key} normalises intensities with {name}, which CIMISLearner does "
-                             "not support (it maps CT values with a fixed window)",
-                             "give the CT window the model expects with --window LOW,HIGH (and --intensity-range)")
+            raise CimisError(f"{inference.name}: {key} normalises intensities with {name}, by each image's own "
+                             "statistics, which CIMISLearner does not support (it maps CT values with a fixed window)",
+                             "give the fixed mapping closest to it with --window=LOW,HIGH and --intensity-range=B0,B1, "
+                             "e.g. --window=-1024,3071 --intensity-range=-1,1 for NormalizeIntensityd + "
+                             "ScaleIntensityd(minv=-1, maxv=1) on CTs spanning -1024..3071 HU")
     if overrides.spacing is not None:
         spacing = list(overrides.spacing)
     if spacing is None:

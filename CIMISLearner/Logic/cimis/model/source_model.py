@@ -38,6 +38,9 @@ class SourceModel:
             ``{"kind": "clip_zscore", "clip": [lo, hi], "mean": m, "std": s}`` (clip, then subtract the
             mean and divide by the standard deviation: nnU-Net's CT normalisation).
         notes: what the reader chose that the user should know (a fold picked, an option ignored).
+        head: for a network without a final 1x1x1 convolution that is followed by one outside it (a
+            bundle exported by CIMISLearner: ``Sequential(UNet, Conv3d(D, C, 1))``), that convolution's
+            ``(weight (C, D, 1, 1, 1), bias (C,))``; None otherwise.
     """
 
     kind: str
@@ -52,3 +55,4 @@ class SourceModel:
     orientation: str = "RAS"
     normalization: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    head: tuple[torch.Tensor, torch.Tensor] | None = None

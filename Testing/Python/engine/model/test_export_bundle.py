@@ -77,6 +77,14 @@ def test_the_exported_bundle_runs_in_monai_and_agrees_with_cimis_segment(tmp_pat
     assert ours.shape == theirs.shape
     assert len(np.unique(ours)) >= 2
     assert float((ours == theirs).mean()) >= 0.999
+    # And back: the exported bundle imports as the same model (names, label values, labels).
+    assert main(["import-model", str(tmp_path / "bundle"), "--out", str(tmp_path / "back")]) == 0
+    back = json.loads((tmp_path / "back" / "card.json").read_text())
+    assert [(c["name"], c["value"]) for c in back["classes"]] == [(c["name"], c["value"]) for c in card["classes"]]
+    assert main(["segment", "--model", str(tmp_path / "back"), "--input", str(image), "--output",
+                 str(tmp_path / "back.nii.gz"), "--device", "cpu"]) == 0
+    again = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "back.nii.gz")))
+    assert float((again == ours).mean()) >= 0.999
 
 
 def test_nnunet_networks_are_not_exported(tmp_path, capsys):

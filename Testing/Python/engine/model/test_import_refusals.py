@@ -138,6 +138,32 @@ def test_classes_keeps_exactly_the_named_channels(tmp_path, bundle_factory, caps
     source = net.conv_final[2].conv
     torch.testing.assert_close(imported.head.conv.weight, source.weight[[0, 2, 3]])
     torch.testing.assert_close(imported.head.conv.bias, source.bias[[0, 2, 3]])
+    # Every voxel the full model gives to a kept class keeps it; the others move to a kept channel.
+    from cimis.infer import segment_image
+
+    from .conftest import ct_volume
+
+    full_net, full_card = load_model(_import_all(capsys, net, tmp_path))
+    image = ct_volume()
+    full = sitk_array(segment_image(full_net, full_card, image, device="cpu").label)
+    subset = sitk_array(segment_image(imported, card, image, device="cpu").label)
+    kept = (full == 2) | (full == 3)
+    assert kept.sum() > 100 and (subset[kept] == full[kept]).all()
+    assert not (subset == 1).any()
+
+
+def sitk_array(image):
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(image)
+
+
+def _import_all(capsys, net, tmp_path):
+    from .conftest import write_bundle
+
+    bundle = write_bundle(tmp_path / "full_bundle", "SegResNet", net=net)
+    assert run(capsys, "import-model", bundle, "--out", tmp_path / "full")[0] == 0
+    return tmp_path / "full"
 
 
 def test_a_card_with_absurd_imported_arguments_is_refused(tmp_path, bundle_factory, capsys):
@@ -157,3 +183,18 @@ def test_a_card_with_absurd_imported_arguments_is_refused(tmp_path, bundle_facto
     card_path.write_text(json.dumps(changed))
     code, err = run(capsys, "segment", "--model", tmp_path / "m", "--input", "x.nii.gz", "--output", tmp_path / "s.nii.gz")
     assert code == 2 and "preprocessing.normalization.std" in err, err
+
+
+def test_a_bundle_without_class_names_takes_them_from_classes(tmp_path, bundle_factory, capsys):
+    bundle = bundle_factory(metadata_changes={"network_data_format": {"outputs": {"pred": {"num_channels": 4}}}})
+    line = refused(capsys, tmp_path, bundle)
+    assert "configs/metadata.json" in line and "channel_def" in line and "--classes" in line
+    code, err = run(capsys, "import-model", bundle, "--out", tmp_path / "m", "--classes", "a,b,c")
+    assert code == 0, err
+    assert load_model(tmp_path / "m")[1].classes.names == ["a", "b", "c"]
+
+
+def test_a_bad_prototype_volume_is_refused_and_nothing_written(tmp_path, bundle_factory, capsys):
+    (tmp_path / "notct.nii.gz").write_bytes(b"not an image")
+    line = refused(capsys, tmp_path, bundle_factory(), "--volumes", tmp_path / "notct.nii.gz")
+    assert "notct.nii.gz" in line
