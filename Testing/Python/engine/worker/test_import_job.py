@@ -4,6 +4,7 @@ bundle is one user error and leaves the registry as it was."""
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 
@@ -38,10 +39,19 @@ def test_an_import_job_publishes_the_chosen_classes_as_a_new_active_version(kit,
     registry.load("v0001")  # the published version loads as any other
     assert not (tmp_path / "out" / "run").exists() and not (tmp_path / "out" / "tmp").exists()
 
-    # A second import into a registry with an active version stays inactive unless the job says so.
+    # A second import, cancelled just before it publishes: the registry is unchanged, and --resume publishes
+    # the converted model without converting again; with an active version there, it stays inactive.
     job_file = kit.write_job(tmp_path / "job2.json", import_job(bundle, tmp_path / "reg", tmp_path / "out2"))
-    code, events, stderr = kit.run_worker(job_file)
+    before = kit.tree_snapshot(tmp_path / "reg")
+    worker = kit.Worker(job_file, env=kit.worker_env(CIMIS_WORKER_PAUSE_AT="stage:publishing"))
+    worker.wait_for(lambda e: e["event"] == "paused")
+    worker.proc.send_signal(signal.SIGTERM)
+    code, events, _ = worker.finish()
+    assert code == 143 and events[-1]["event"] == "cancelled" and events[-1]["resumable"]
+    assert kit.tree_snapshot(tmp_path / "reg") == before
+    code, events, stderr = kit.run_worker(job_file, "--resume")
     assert code == 0, stderr
+    assert "reading" not in [e.get("stage") for e in events]
     assert events[-1]["version"] == "v0002" and not events[-1]["active"]
     assert events[-1]["classes"] == CLASS_NAMES
     assert registry.active_version() == "v0001"
