@@ -196,11 +196,18 @@ class CIMISLearnerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return item.data(qt.Qt.UserRole) if item is not None else None
 
     def onImportModel(self):
-        archive, folder = "A model archive (.tar.gz)", "A model folder (MONAI bundle, nnU-Net v2 model, CIMISLearner model)"
-        what = qt.QInputDialog.getItem(self.parent, "Import a model", "What do you import?", [archive, folder], 0, False)
-        if what == archive:
-            path = qt.QFileDialog.getOpenFileName(self.parent, "Import a model", "", "Model archive (*.tar.gz);;All files (*)")
-        elif what == folder:
+        box = qt.QMessageBox(self.parent)
+        box.setWindowTitle("Import a model")
+        box.setText("Import a model archive (.tar.gz), or a model folder: a MONAI bundle, an nnU-Net v2 model or "
+                    "a CIMISLearner model.")
+        archiveButton = box.addButton("Archive...", qt.QMessageBox.AcceptRole)
+        folderButton = box.addButton("Folder...", qt.QMessageBox.AcceptRole)
+        box.addButton(qt.QMessageBox.Cancel)
+        box.exec_()
+        if box.clickedButton() == archiveButton:
+            path = qt.QFileDialog.getOpenFileName(self.parent, "Import a model", "",
+                                                  "Model archive (*.tar.gz);;All files (*)")
+        elif box.clickedButton() == folderButton:
             path = qt.QFileDialog.getExistingDirectory(self.parent, "Import a model folder")
         else:
             return

@@ -65,6 +65,6 @@ __all__ = [
     "CANCEL_GRACE_S", "CANCEL_POLL_S", "EXIT_BUG", "EXIT_DONE", "EXIT_SIGINT", "EXIT_SIGTERM", "EXIT_USER_ERROR",
     "OWNER_PID_ENV", "PAUSE_ENV", "PAUSE_SECONDS", "PROTOCOL", "STATE_FORMAT", "Attempt", "Cancellation",
     "EventStream", "JobCancelled", "JobRun", "OwnerWatch", "WorkFolder", "exit_code_for", "is_cuda_oom",
-    "next_attempt_after_oom", "pause_point", "process_alive", "run_import", "run_job", "run_learn", "run_segment", "run_train",
-    "run_with_oom_retries", "worker_main",
+    "next_attempt_after_oom", "pause_point", "process_alive", "run_import", "run_job", "run_learn", "run_segment",
+    "run_train", "run_with_oom_retries", "worker_main",
 ]
