@@ -49,7 +49,7 @@ def test_the_chosen_classes_are_checked_against_the_offered_ones():
         parse_kept_classes(" , ", offered)
 
 
-def test_a_bundle_is_imported_by_the_worker_and_an_archive_at_once(kit, context, tmp_path):
+def test_a_bundle_is_imported_by_the_worker_an_archive_at_once_and_a_bad_bundle_is_one_error(kit, context, tmp_path):
     flow = Workflow(context, tmp_path / "registry", tmp_path / "jobs", env=kit.WORKER_ENV)
     try:
         folder = flow.import_model(write_bundle(tmp_path / "bundle"), classes=["spleen"], settings=kit.tiny_settings())
@@ -68,5 +68,12 @@ def test_a_bundle_is_imported_by_the_worker_and_an_archive_at_once(kit, context,
         archive = flow.export_version("v0001", tmp_path / "v0001.tar.gz")
         assert flow.import_model(archive) == "v0002" and not flow.busy  # the quick path: no job
         assert registry.active_version() == "v0001" and [v.name for v in flow.versions()] == ["v0001", "v0002"]
+
+        bad = write_bundle(tmp_path / "bad-bundle")
+        (bad / "models" / "model.pt").write_bytes(b"not a checkpoint")
+        flow.import_model(bad, settings=kit.tiny_settings())
+        [status] = kit.wait(flow)
+        assert status.state == "error" and "model.pt" in status.message and flow.outcome.message == status.message
+        assert [v.name for v in flow.versions()] == ["v0001", "v0002"] and registry.active_version() == "v0001"
     finally:
         flow.shutdown()
