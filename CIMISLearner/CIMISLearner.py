@@ -196,11 +196,47 @@ class CIMISLearnerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return item.data(qt.Qt.UserRole) if item is not None else None
 
     def onImportModel(self):
-        path = qt.QFileDialog.getOpenFileName(self.parent, "Import a model", "", "Model archive (*.tar.gz);;All files (*)")
+        box = qt.QMessageBox(self.parent)
+        box.setWindowTitle("Import a model")
+        box.setText("Import a model archive (.tar.gz), or a model folder: a MONAI bundle, an nnU-Net v2 model or "
+                    "a CIMISLearner model.")
+        archiveButton = box.addButton("Archive...", qt.QMessageBox.AcceptRole)
+        folderButton = box.addButton("Folder...", qt.QMessageBox.AcceptRole)
+        box.addButton(qt.QMessageBox.Cancel)
+        box.exec_()
+        if box.clickedButton() == archiveButton:
+            path = qt.QFileDialog.getOpenFileName(self.parent, "Import a model", "",
+                                                  "Model archive (*.tar.gz);;All files (*)")
+        elif box.clickedButton() == folderButton:
+            path = qt.QFileDialog.getExistingDirectory(self.parent, "Import a model folder")
+        else:
+            return
         if not path or not self.ensureDependencies():
             return
-        if self.run(lambda: self.setMessage(f"Imported {self.workflow.import_model(path)}.")):
+        chosen = {"classes": None}
+        if not self.run(lambda: chosen.update(classes=self.chooseClasses(path))) or chosen["classes"] == []:
+            return
+        imported = {}
+        if not self.run(lambda: imported.update(
+                result=self.workflow.import_model(path, classes=chosen["classes"], settings=self.settings()))):
+            return
+        if self.workflow.busy:  # a bundle or nnU-Net model: the worker converts it
+            self.startPolling()
+        else:
+            self.setMessage(f"Imported {imported['result']}.")
             self.refreshVersions()
+
+    def chooseClasses(self, path):
+        """The classes to keep of a bundle or nnU-Net model (None: all, or our own model); [] if cancelled."""
+        from cimis_slicer.model_import import parse_kept_classes, source_classes
+
+        offered = source_classes(path)
+        if offered is None:
+            return None
+        text = qt.QInputDialog.getText(self.parent, "Classes to keep",
+                                       f"The model has {len(offered)} classes. Keep (comma-separated):",
+                                       qt.QLineEdit.Normal, ", ".join(offered))
+        return parse_kept_classes(text, offered) if text else []
 
     def onActivate(self):
         version = self.selectedVersion()

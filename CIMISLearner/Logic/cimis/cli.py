@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("worker", help="run one job file (train, learn, segment); JSON events on stdout")
+    p = sub.add_parser("worker", help="run one job file (train, learn, segment, import); JSON events on stdout")
     p.add_argument("job", help="job file (docs/worker-protocol.md)")
     p.add_argument("--resume", action="store_true", help="continue a killed or cancelled job from its last checkpoint")
     p.set_defaults(func=cmd_worker)

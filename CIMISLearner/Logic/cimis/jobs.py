@@ -1,4 +1,4 @@
-"""Job files (``cimis-job/1``): one train, learn or segment job for ``cimis worker``, parsed and checked.
+"""Job files (``cimis-job/1``): one train, learn, segment or import job for ``cimis worker``, parsed and checked.
 
 A job file is a JSON object (docs/worker-protocol.md has the full schema)::
 
@@ -34,7 +34,7 @@ from cimis.data.manifest import Case, Manifest, check_labels_contain, load_case
 from cimis.errors import CimisError
 
 JOB_FORMAT = "cimis-job/1"
-KINDS = ("train", "learn", "segment")
+KINDS = ("train", "learn", "segment", "import")
 SPLITS = ("train", "val")
 SEGMENT_FORMATS = ("nii.gz", "nrrd", "mha")
 DEFAULT_CANCEL_FILE = "cancel"
@@ -45,6 +45,7 @@ _TOP_KEYS = {
     "train": ("budget", "train"),
     "learn": ("budget", "learn"),
     "segment": ("segment",),
+    "import": ("import",),
 }
 _BUDGET_KEYS = ("iterations", "batch_size", "checkpoint_every", "val_every")
 _TRAIN_KEYS = ("network", "preprocess", "learning_rate", "seed", "augment", "amp", "activate", "note")
@@ -54,6 +55,8 @@ _TRAINING_DATA_KEYS = ("manifest", "classes", "cases")
 _CASE_KEYS = ("id", "image", "label", "split", "label_map")
 _SEGMENT_DATA_KEYS = ("images",)
 _IMAGE_KEYS = ("id", "image")
+_IMPORT_KEYS = ("source", "classes", "fold", "spacing", "window", "patch_size", "activate", "note")
+_IMPORT_DATA_KEYS = ("volumes",)
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ class Job:
 
     Attributes:
         source: the job file.
-        kind: ``train``, ``learn`` or ``segment``.
+        kind: ``train``, ``learn``, ``segment`` or ``import``.
         id: names the job in events and in the registry's version summaries.
         registry: the model registry folder (created by a train job when missing).
         output: the job's own folder: checkpoints, label maps, result.json.
@@ -88,7 +91,8 @@ class Job:
         threads: CPU threads for torch (None: torch's default, one per core); fewer keep the machine responsive.
         cancel_file: a new file inside ``output`` whose appearance cancels the job (default ``OUTPUT/cancel``).
         budget: training budget (train and learn).
-        settings: the kind's own section (``train``, ``learn`` or ``segment``), checked.
+        settings: the kind's own section (``train``, ``learn``, ``segment`` or ``import``), checked; for
+            ``import`` also ``volumes``, the unlabelled CTs of ``data.volumes`` (absolute paths).
         manifest: the training data (train and learn), as a manifest with ``train`` and ``val`` splits.
         class_names: train: the classes to learn; learn: the new classes (None: the manifest decides).
         new_classes: learn with listed cases: the new classes with their label values.
@@ -180,6 +184,9 @@ def parse_job(data: Any, base: Path, source: Path) -> Job:
     job = Job(source=source, kind=kind, id=job_id, registry=registry, output=output, device=device.lower(),
               threads=threads, cancel_file=cancel)
 
+    if kind == "import":  # the input is a model folder; volumes for its prototypes are optional
+        job.settings = _import_settings(data.get("import"), data.get("data", {}), base)
+        return job
     if "data" not in data:
         raise CimisError("the job has no 'data'", "add the volumes to learn from or to segment under \"data\"")
     section = data.get(kind, {})
@@ -261,6 +268,55 @@ def _segment_settings(d: dict) -> dict:
         if fmt not in SEGMENT_FORMATS:
             raise CimisError(f"segment.format is {fmt!r}", f"use one of {', '.join(SEGMENT_FORMATS)}")
         settings["format"] = fmt
+    return settings
+
+
+def _import_settings(d: Any, data: Any, base: Path) -> dict:
+    """The ``import`` section (a MONAI bundle or nnU-Net v2 folder and what to keep of it) and
+    ``data.volumes``; the source itself is read by the job (cimis.model.import_command)."""
+    if d is None:
+        raise CimisError("the job has no 'import'", "add \"import\": {\"source\": \"path/to/model/folder\"}")
+    _expect(d, dict, "'import'", "an object with \"source\"")
+    _refuse_unknown(d, _IMPORT_KEYS, "'import'")
+    if "source" not in d:
+        raise CimisError("import has no 'source'", "give the MONAI bundle or nnU-Net model folder")
+    settings: dict[str, Any] = {"source": _existing(d["source"], base, "import.source", "model folder"),
+                                "classes": None, "fold": None, "spacing": None, "window": None, "patch_size": None,
+                                "activate": None, "note": "", "volumes": []}
+    if d.get("classes") is not None:
+        names = d["classes"]
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
+            raise CimisError("import.classes must be a non-empty list of class names")
+        settings["classes"] = [n.strip() for n in names]
+    if d.get("fold") is not None:
+        fold = d["fold"]
+        if isinstance(fold, bool) or not isinstance(fold, int) or fold < 0:
+            raise CimisError(f"import.fold must be a fold number (0 or more), got {json.dumps(fold)[:80]}")
+        settings["fold"] = fold
+    for key, count, positive in (("spacing", 3, True), ("window", 2, False), ("patch_size", 3, True)):
+        value = d.get(key)
+        if value is None:
+            continue
+        integers = key == "patch_size"
+        if (not isinstance(value, list) or len(value) != count
+                or not all(not isinstance(v, bool) and isinstance(v, int if integers else (int, float))
+                           and math.isfinite(v) and (v > 0 or not positive) for v in value)):
+            kind = "positive whole numbers" if integers else ("positive numbers" if positive else "numbers")
+            raise CimisError(f"import.{key} must be a list of {count} {kind}, got {json.dumps(value)[:80]}")
+        if key == "window" and not value[0] < value[1]:
+            raise CimisError(f"import.window must be [low, high] with low < high, got {value}")
+        settings[key] = [int(v) for v in value] if integers else [float(v) for v in value]
+    if d.get("activate") is not None:
+        _expect(d["activate"], bool, "import.activate", "true, false or null")
+        settings["activate"] = d["activate"]
+    if "note" in d:
+        settings["note"] = _string(d["note"], "import.note", allow_empty=True)
+    _expect(data, dict, "'data'", "an object with \"volumes\"")
+    _refuse_unknown(data, _IMPORT_DATA_KEYS, "'data'")
+    volumes = data.get("volumes", [])
+    if not isinstance(volumes, list):
+        raise CimisError("data.volumes must be a list of CT files or DICOM folders")
+    settings["volumes"] = [_existing(v, base, f"data.volumes[{i}]", "volume") for i, v in enumerate(volumes)]
     return settings
 
 

@@ -205,15 +205,50 @@ class Workflow:
         """Write one version as a .tar.gz archive that Import model reads back."""
         return self.registry.export(version, archive)
 
-    def import_model(self, source: str | Path) -> str:
-        """Add a model archive or folder to the registry (an empty folder becomes a registry); the first
-        version becomes the active one. Needs the engine (the import loads the weights to check them)."""
+    def import_model(self, source: str | Path, classes: list[str] | None = None, fold: int | None = None,
+                     settings: JobSettings | None = None, volumes: list[str | Path] = (),
+                     spacing: list[float] | None = None, window: list[float] | None = None,
+                     patch_size: list[int] | None = None) -> str | Path:
+        """Add a model to the registry (an empty folder becomes a registry); the first version becomes the
+        active one. Needs the engine.
+
+        A model archive or model folder of CIMISLearner is added at once and its version name returned. A
+        MONAI bundle or an nnU-Net v2 model folder is converted by the worker's import job in the background
+        (minutes for a large model): its job folder is returned, as :meth:`segment` does, and :meth:`poll`
+        follows it. ``classes`` keeps a subset of the source's classes (None: all); ``fold``, ``spacing``,
+        ``window`` and ``patch_size`` are ``cimis import-model``'s options, ``volumes`` the unlabelled CTs
+        for the global prototypes.
+        """
+        from cimis_slicer.model_import import CIMIS_MODEL, source_kind
+
         self._refuse_if_busy()
         if self._registry_path is None:
             raise CimisError("no model registry is chosen", "choose a folder for the model versions first")
         require_engine("Import model")
-        registry = Registry.open(self._registry_path, create=True)
-        return registry.import_model(source, activate=registry.active_version() is None)
+        source = Path(source).absolute()
+        if source_kind(source) == CIMIS_MODEL:
+            registry = Registry.open(self._registry_path, create=True)
+            return registry.import_model(source, activate=registry.active_version() is None)
+        settings = settings or JobSettings()
+        settings.check()
+        folder, job_id = self._new_job_folder("import")
+        job = self._job_header("import", job_id, folder, settings)
+        options = {"classes": list(classes) if classes else None, "fold": fold, "spacing": spacing,
+                   "window": window, "patch_size": patch_size}
+        job["import"] = {"source": str(source), **{k: v for k, v in options.items() if v is not None},
+                         "note": settings.note or f"imported from {source.name} in 3D Slicer"}
+        if volumes:
+            job["data"] = {"volumes": [str(Path(v).absolute()) for v in volumes]}
+
+        def on_done(result: dict) -> None:
+            version, kept = result.get("version"), list(result.get("classes", []))
+            self.outcome = Outcome(version=version)
+            self.outcome.message = (f"{version} imported from {source.name} ({len(kept)} classes: "
+                                    f"{', '.join(kept[:10])}{' ...' if len(kept) > 10 else ''})"
+                                    + ("; it is the active version" if result.get("active") else ""))
+
+        self._start("import", folder, job, on_done)
+        return folder
 
     # ------------------------------------------------------------------------------------------- jobs
     @property

@@ -11,7 +11,7 @@ checked before anything is written, and the model folder appears complete or not
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -191,20 +191,30 @@ def model_space_images(paths: Sequence[str | Path], preprocessing: PreprocessCon
 def import_model(
     source: str | Path, out: str | Path, classes: Sequence[str] | None = None, fold: int | None = None,
     volumes: Sequence[str | Path] | None = None, overrides=None, device: str = "auto", overwrite: bool = False,
+    on_stage: Callable[[str], None] | None = None,
 ) -> tuple[Path, ModelCard]:
-    """Import ``source`` into the model folder ``out``; returns the folder and its card."""
+    """Import ``source`` into the model folder ``out``; returns the folder and its card.
+
+    ``on_stage`` is called with ``reading``, ``converting``, ``prototypes`` (with ``volumes`` only) and
+    ``saving`` as each begins (the worker's import job reports them and checks for a cancel there).
+    """
     from cimis.device import resolve_device
     from cimis.incremental.prototypes import confident_prototypes
 
+    stage = on_stage or (lambda name: None)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise CimisError(f"{out} already exists and is not empty", "choose another output or pass --overwrite")
+    stage("reading")
     model = read_source(Path(source), fold, overrides)
     if overrides is not None and getattr(overrides, "classes_named", False):
         classes = None  # --classes named the channels of a bundle without names: keep them all
+    stage("converting")
     net, card = import_source(model, classes, str(source))
+    del model  # the source's weights are in ``net`` now; a 117-class model's copy is large
     prototypes = None
     if volumes:
+        stage("prototypes")
         run_on = resolve_device(device)
         images = model_space_images(volumes, card.preprocessing)
         prototypes = confident_prototypes(net.to(run_on), images, card.preprocessing.patch_size, run_on)
@@ -212,4 +222,5 @@ def import_model(
         card.history[0]["prototypes"] = {"volumes": [str(v) for v in volumes], "targets": "confident predictions"}
     else:
         card.history[0]["prototypes"] = "computed by the first learn step from its own images"
+    stage("saving")
     return save_model(out, net, card, overwrite=overwrite, prototypes=prototypes), card

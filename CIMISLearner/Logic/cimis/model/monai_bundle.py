@@ -201,6 +201,15 @@ def read_monai_bundle(folder: Path, overrides: BundleOverrides | None = None) ->
     )
 
 
+def bundle_class_names(folder: Path) -> list[str]:
+    """The bundle's class names after background, in channel order, from configs/metadata.json alone (no
+    weights read): what a class chooser offers. Raises when the metadata names no channels."""
+    metadata_path = Path(folder) / "configs" / "metadata.json"
+    if not metadata_path.is_file():
+        raise CimisError(f"{folder} is not a complete MONAI bundle: configs/metadata.json is missing")
+    metadata = Config(metadata_path, read_config(metadata_path), Path(folder))
+    return _channel_names(metadata, None, BundleOverrides(), [])
+
 def _head_conv(inference: Config, key: str, network_args: dict) -> str:
     """Check the 1x1x1 ``torch.nn.Conv3d`` entry ``key`` that follows the network; returns the key."""
     spec = inference.data.get(key)

@@ -89,6 +89,12 @@ def is_nnunet_folder(path: Path) -> bool:
     return (path / "plans.json").is_file() and (path / "dataset.json").is_file()
 
 
+def nnunet_class_names(folder: Path) -> list[str]:
+    """The model's class names after background, in channel order, from dataset.json alone (no checkpoint
+    read): what a class chooser offers."""
+    path = Path(folder) / "dataset.json"
+    return _read_labels(_read_json(path), path)[0]
+
 # =========================================================================================== reading
 def read_nnunet(folder: Path, fold: int | str | None = None, configuration: str | None = None) -> SourceModel:
     """Read an nnU-Net v2 trained-model folder without executing anything from it.

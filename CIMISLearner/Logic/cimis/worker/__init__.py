@@ -33,7 +33,8 @@ One concept per module:
 * :mod:`~cimis.worker.fault_points` the pauses of the fault-injection tests;
 * :mod:`~cimis.worker.work_folder` the job's output folder;
 * :mod:`~cimis.worker.job_run` one execution of a job, shared by the job kinds
-  :mod:`~cimis.worker.train_job`, :mod:`~cimis.worker.learn_job` and :mod:`~cimis.worker.segment_job`;
+  :mod:`~cimis.worker.train_job`, :mod:`~cimis.worker.learn_job`, :mod:`~cimis.worker.segment_job` and
+  :mod:`~cimis.worker.import_job`;
 * :mod:`~cimis.worker.main` the entry point (:func:`worker_main`, :func:`run_job`).
 
 This package re-exports the names other code imports from ``cimis.worker``.
@@ -50,6 +51,7 @@ from cimis.worker.events import (
     EventStream,
 )
 from cimis.worker.fault_points import PAUSE_ENV, PAUSE_SECONDS, pause_point
+from cimis.worker.import_job import run_import
 from cimis.worker.job_run import STATE_FORMAT, JobRun
 from cimis.worker.learn_job import run_learn
 from cimis.worker.main import run_job, worker_main
@@ -63,6 +65,6 @@ __all__ = [
     "CANCEL_GRACE_S", "CANCEL_POLL_S", "EXIT_BUG", "EXIT_DONE", "EXIT_SIGINT", "EXIT_SIGTERM", "EXIT_USER_ERROR",
     "OWNER_PID_ENV", "PAUSE_ENV", "PAUSE_SECONDS", "PROTOCOL", "STATE_FORMAT", "Attempt", "Cancellation",
     "EventStream", "JobCancelled", "JobRun", "OwnerWatch", "WorkFolder", "exit_code_for", "is_cuda_oom",
-    "next_attempt_after_oom", "pause_point", "process_alive", "run_job", "run_learn", "run_segment", "run_train",
-    "run_with_oom_retries", "worker_main",
+    "next_attempt_after_oom", "pause_point", "process_alive", "run_import", "run_job", "run_learn", "run_segment",
+    "run_train", "run_with_oom_retries", "worker_main",
 ]

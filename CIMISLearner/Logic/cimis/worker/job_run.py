@@ -1,4 +1,4 @@
-"""One execution of a job, shared by the three job kinds: stages and engine events become protocol events,
+"""One execution of a job, shared by the job kinds: stages and engine events become protocol events,
 the device is chosen, the output folder is prepared, and the finished model is published once."""
 
 from __future__ import annotations

@@ -15,12 +15,13 @@ from cimis.errors import user_error_in
 from cimis.jobs import load_job
 from cimis.worker.cancellation import Cancellation, JobCancelled, exit_code_for
 from cimis.worker.events import EXIT_BUG, EXIT_DONE, EXIT_USER_ERROR, EventStream
+from cimis.worker.import_job import run_import
 from cimis.worker.job_run import JobRun
 from cimis.worker.learn_job import run_learn
 from cimis.worker.segment_job import run_segment
 from cimis.worker.train_job import run_train
 
-_RUNNERS = {"train": run_train, "learn": run_learn, "segment": run_segment}
+_RUNNERS = {"train": run_train, "learn": run_learn, "segment": run_segment, "import": run_import}
 
 
 def run_job(job_path: str | Path, resume: bool = False, out: TextIO | None = None) -> int:
