@@ -144,3 +144,12 @@ def test_dicom_seg_needs_a_dicom_series_input(capsys, tiny_model, series, tmp_pa
                            "--output", tmp_path / "out.nii.gz", "--dicom-seg", "--device", "cpu")
     assert code == 2 and "dicom series folder" in one_error_line(err).lower()
     assert not (tmp_path / "out.nii.gz").exists() and not (tmp_path / "out.seg.dcm").exists()
+
+
+def test_dicom_seg_without_highdicom_says_how_to_install(capsys, monkeypatch, tiny_model, series, tmp_path):
+    monkeypatch.setitem(__import__("sys").modules, "highdicom", None)  # what a missing package imports as
+    folder, _ = series
+    code, _, err = run_cli(capsys, "segment", "--model", tiny_model, "--input", folder,
+                           "--output", tmp_path / "out.nii.gz", "--dicom-seg", "--device", "cpu")
+    assert code == 2 and 'pip install "cimis[dicom]"' in one_error_line(err)
+    assert not (tmp_path / "out.nii.gz").exists()
