@@ -153,3 +153,17 @@ def test_dicom_seg_without_highdicom_says_how_to_install(capsys, monkeypatch, ti
                            "--output", tmp_path / "out.nii.gz", "--dicom-seg", "--device", "cpu")
     assert code == 2 and 'pip install "cimis[dicom]"' in one_error_line(err)
     assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_writer_refuses_an_empty_segmentation_and_an_existing_file(series, tmp_path):
+    folder, grid = series
+    empty = sitk.Image(grid.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(grid)
+    with pytest.raises(CimisError, match="holds no class"):
+        write_dicom_seg(folder, empty, CLASSES, tmp_path / "e.seg.dcm", SegAlgorithm("m", "1"))
+    assert not (tmp_path / "e.seg.dcm").exists()
+    (tmp_path / "kept.seg.dcm").write_bytes(b"old")
+    with pytest.raises(CimisError, match="already exists"):
+        write_dicom_seg(folder, known_labels(grid), CLASSES, tmp_path / "kept.seg.dcm", SegAlgorithm("m", "1"))
+    assert (tmp_path / "kept.seg.dcm").read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind

@@ -59,7 +59,9 @@ def check_seg_request(source: PathLike, target: PathLike, overwrite: bool) -> No
     if target.exists() and not overwrite:
         raise CimisError(f"{target} already exists", "choose another output path or pass --overwrite")
     import_highdicom()
-    dicom_series_files(source)  # the same series read_image reads; raises when there is none
+    with warnings.catch_warnings():  # read_image names the chosen series when there are several
+        warnings.simplefilter("ignore")
+        dicom_series_files(source)  # the same series read_image reads; raises when there is none
 
 
 @dataclass
@@ -134,8 +136,11 @@ def source_instances(folder: Path) -> list:
     slice normal, the order of SimpleITK's third axis for a series it reads."""
     import pydicom
 
+    with warnings.catch_warnings():  # read_image names the chosen series when there are several
+        warnings.simplefilter("ignore")
+        files = dicom_series_files(folder)
     datasets = []
-    for name in dicom_series_files(folder):
+    for name in files:
         try:
             datasets.append(pydicom.dcmread(name, stop_before_pixels=True))
         except (OSError, pydicom.errors.InvalidDicomError) as exc:
