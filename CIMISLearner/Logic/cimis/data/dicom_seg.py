@@ -106,7 +106,13 @@ def write_dicom_seg(
     with warnings.catch_warnings():
         # The patient's name is copied from the source as it is; a one-word name ("Anonymous") is not ours to fix.
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
-        seg = _segmentation(hd, instances, to_segment[frames], descriptions, len(present), series_number, algorithm)
+        try:
+            seg = _segmentation(hd, instances, to_segment[frames], descriptions, len(present), series_number,
+                                algorithm)
+        except (ValueError, TypeError, AttributeError) as exc:  # highdicom's checks of the source headers
+            raise CimisError(f"cannot make a DICOM SEG for the series in {source}: {exc}",
+                             "check that the series' headers are complete (study, patient, frame of reference)"
+                             ) from None
     path = Path(path)
     with staged_output(path, overwrite) as staged:
         seg.save_as(staged)
@@ -133,7 +139,7 @@ def _segmentation(hd, instances, segment_numbers, descriptions, count, series_nu
 
 def source_instances(folder: Path) -> list:
     """The source series' instances (pydicom datasets without pixel data), ordered by position along the
-    slice normal, the order of SimpleITK's third axis for a series it reads."""
+    slice normal (the SEG's frame order; each is matched to the label map by its position, not this order)."""
     import pydicom
 
     with warnings.catch_warnings():  # read_image names the chosen series when there are several
@@ -148,8 +154,8 @@ def source_instances(folder: Path) -> list:
     for ds in datasets:
         if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
             raise CimisError(f"{ds.filename} has no image position or orientation; a DICOM SEG cannot place it")
-    row, column = np.array(datasets[0].ImageOrientationPatient[:3], float), np.array(datasets[0].ImageOrientationPatient[3:], float)
-    normal = np.cross(row, column)
+    orientation = np.array(datasets[0].ImageOrientationPatient, float)
+    normal = np.cross(orientation[:3], orientation[3:])
     return sorted(datasets, key=lambda ds: float(np.dot(np.array(ds.ImagePositionPatient, float), normal)))
 
 
