@@ -118,6 +118,14 @@ def cmd_segment(args) -> None:
     from cimis.metrics import format_class_table
     from cimis.model.modelfile import load_model
 
+    seg_path = None
+    if args.dicom_seg is not None:  # checked before the model runs, so a bad request writes nothing
+        from cimis.data.dicom_seg import check_seg_request, default_seg_path
+
+        if args.manifest or not args.input:
+            raise CimisError("--dicom-seg needs one --input DICOM series folder (not --manifest)")
+        seg_path = Path(args.dicom_seg) if args.dicom_seg else default_seg_path(args.output)
+        check_seg_request(args.input, seg_path, args.overwrite)
     net, card = load_model(args.model)
     if args.manifest:
         from cimis.data.manifest import Manifest
@@ -135,6 +143,13 @@ def cmd_segment(args) -> None:
         result = segment_image(net, card, read_image(source), device=args.device, progress=True, source=str(source))
         write_image(result.label, target, overwrite=args.overwrite)
         print(f"{source} -> {target}")
+        if seg_path is not None:
+            from cimis.data.dicom_seg import SegAlgorithm, write_dicom_seg
+
+            algorithm = SegAlgorithm(f"CIMISLearner {Path(args.model).resolve().name}"[:64],
+                                     f"cimis {card.cimis_version} {card.created}".strip()[:64])
+            write_dicom_seg(source, result.label, card.classes, seg_path, algorithm, overwrite=args.overwrite)
+            print(f"{source} -> {seg_path} (DICOM SEG)")
         print(format_class_table({k: {"volume (mL)": v} for k, v in result.volumes_ml.items()}, ["volume (mL)"]))
 
 
@@ -308,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--dicom-seg", nargs="?", const="", metavar="PATH",
+                   help="also write a DICOM SEG in the source's study (--input must be a DICOM series folder); "
+                        "default PATH: beside --output, NAME.seg.dcm; needs pip install \"cimis[dicom]\"")
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("evaluate", help="Dice (and HD95) per class, as Markdown, CSV and JSON")

@@ -130,6 +130,27 @@ def _check_nifti_finite(path: Path, values: np.ndarray) -> None:
 
 def _read_dicom_folder(folder: Path) -> sitk.Image:
     """Read the largest DICOM series found directly in ``folder``."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(dicom_series_files(folder, stacklevel=4))
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise CimisError(
+            f"cannot read the DICOM series in {folder}: {_sitk_reason(exc)}",
+            "check that the series is complete and its slices share one orientation",
+        ) from None
+    _check_finite_after_reading(image, folder)
+    return image
+
+
+def dicom_series_files(folder: PathLike, stacklevel: int = 2) -> list[str]:
+    """The files of the DICOM series :func:`read_image` reads from ``folder``: the series with the most files
+    (with a warning naming the choice when there are several).
+
+    Raises:
+        CimisError: the folder is empty or holds no DICOM series.
+    """
+    folder = Path(folder)
     if not any(folder.iterdir()):
         raise CimisError(f"folder {folder} is empty", "point at an image file or at a folder holding a DICOM series")
     try:
@@ -150,19 +171,9 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
         warnings.warn(
             f"folder {folder} holds {len(series_ids)} DICOM series; reading {chosen} ({len(files[chosen])} files), "
             "the one with the most files",
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files[chosen])
-    try:
-        image = reader.Execute()
-    except RuntimeError as exc:
-        raise CimisError(
-            f"cannot read the DICOM series in {folder}: {_sitk_reason(exc)}",
-            "check that the series is complete and its slices share one orientation",
-        ) from None
-    _check_finite_after_reading(image, folder)
-    return image
+    return list(files[chosen])
 
 
 def _check_nifti_complete(path: Path, compressed: bool) -> None:
