@@ -92,6 +92,8 @@ class JobRun:
             device = "cpu"
         elif cuda:
             device = "cuda:0" if requested in ("auto", "cuda") else requested
+            if self.job.devices:  # rank 0's GPU (the helper ranks take the others)
+                device = f"cuda:{self.job.devices[0]}"
             index = int(device.split(":")[1])
             if index >= torch.cuda.device_count():
                 raise CimisError(f"device {requested} does not exist ({torch.cuda.device_count()} GPUs)",
