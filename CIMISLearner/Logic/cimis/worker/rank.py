@@ -17,7 +17,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from cimis.errors import CimisError, user_error_in
+from cimis.errors import user_error_in
 
 
 def _train(job, device: str, resume: bool, base_version: str | None) -> None:

@@ -83,11 +83,11 @@ class HelperRanks:
     # ------------------------------------------------------------------------------------ the block
     def __enter__(self) -> "HelperRanks":
         from cimis import distributed
-        from cimis.launch import _port
+        from cimis.launch import master_port
 
         job, n = self.job, self.job.nproc
         self.errors = Path(tempfile.mkdtemp(prefix="ranks-", dir=self.run.work.tmp))
-        port = str(_port())
+        port = str(master_port())
         gpus = job.devices or list(range(n))
         common = {"WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
         threads = str(job.threads or max(1, (os.cpu_count() or 1) // n))
@@ -234,3 +234,7 @@ def check_ranks(job) -> None:
     """:func:`check_ranks_present` for a job of several ranks; nothing for one."""
     if job.nproc > 1:
         check_ranks_present(job.nproc, job.devices, job.device)
+        batch = job.budget.batch_size
+        if batch is not None and batch % job.nproc:  # the engine would say so too, after the folder is made
+            raise CimisError(f"budget.batch_size {batch} does not split evenly over {job.nproc} processes",
+                             f"choose a batch size that is a multiple of {job.nproc} (the batch is global)")

@@ -115,6 +115,8 @@ BAD = {
     "devices on a machine without a GPU": ({"devices": [0, 1], "device": "auto"}, "no CUDA GPU is present", "'nproc'"),
     "devices with device cpu": ({"devices": [0, 1]}, "'devices' lists GPUs, and 'device' is 'cpu'", "'nproc'"),
     "nproc and devices disagree": ({"nproc": 3, "devices": [0, 1], "device": "auto"}, "'nproc' is 3", "give one"),
+    "batch that does not split": ({"nproc": 2, "budget": {"iterations": 2, "batch_size": 3}},
+                                  "budget.batch_size 3 does not split evenly over 2 processes", "multiple of 2"),
     "nproc zero": ({"nproc": 0}, "'nproc' must be a positive integer", None),
     "nproc in a segment job": (None, "'nproc' is for train and learn jobs", "leave 'nproc' out"),
 }
