@@ -211,6 +211,9 @@ def _ranks(data: dict, device: str) -> tuple[int, list[int] | None]:
     nproc = _positive_int(data["nproc"], "'nproc'") if "nproc" in data else None
     devices = data.get("devices")
     if devices is None:
+        if (nproc or 1) > 1 and device.startswith("cuda:"):
+            raise CimisError(f"'nproc' {nproc} starts one process per GPU from GPU 0, and 'device' is {device!r}",
+                             "choose the GPUs with 'devices' (e.g. [1, 2]) and leave 'device' out")
         return nproc or 1, None
     if not isinstance(devices, list) or not devices or \
             not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices):

@@ -43,6 +43,8 @@ def test_a_two_rank_train_job_publishes_one_version_through_one_stream(kit, data
     code, events, stderr = kit.run_worker(job_file)
     assert code == 0, stderr[-3000:]
     assert_one_stream(events, "base")
+    device = next(e for e in events if e["event"] == "device")
+    assert device["device"] == "cpu" and device["nproc"] == 2
     # Rank 0 alone reports: each iteration, checkpoint and validation once.
     assert [e["iteration"] for e in events if e["event"] == "progress"] == [1, 2]
     assert [e["iteration"] for e in events if e["event"] == "checkpoint"] == [1]
@@ -117,6 +119,7 @@ BAD = {
     "nproc and devices disagree": ({"nproc": 3, "devices": [0, 1], "device": "auto"}, "'nproc' is 3", "give one"),
     "batch that does not split": ({"nproc": 2, "budget": {"iterations": 2, "batch_size": 3}},
                                   "budget.batch_size 3 does not split evenly over 2 processes", "multiple of 2"),
+    "nproc with one GPU named": ({"nproc": 2, "device": "cuda:1"}, "'device' is 'cuda:1'", "'devices'"),
     "nproc zero": ({"nproc": 0}, "'nproc' must be a positive integer", None),
     "nproc in a segment job": (None, "'nproc' is for train and learn jobs", "leave 'nproc' out"),
 }
