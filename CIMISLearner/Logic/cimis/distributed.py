@@ -28,6 +28,8 @@ TIMEOUT = datetime.timedelta(minutes=30)
 # Fault-injection tests (docs/distributed.md): "RANK:ITERATION" makes that rank kill itself right after
 # the checkpoint of that iteration, as a crashed machine would.
 STOP_AT_ENV = "CIMIS_DISTRIBUTED_STOP_AT"
+# The CUDA device index of this rank when it is not LOCAL_RANK (a worker job's "devices": [2, 3]).
+GPU_ENV = "CIMIS_RANK_GPU"
 
 
 # --------------------------------------------------------------------------------------- the group
@@ -54,7 +56,12 @@ def is_main() -> bool:
 
 
 def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0")) if is_distributed() else 0
+    """The CUDA device index of this rank: ``CIMIS_RANK_GPU`` when set, else ``LOCAL_RANK``."""
+    return _gpu_index() if is_distributed() else 0
+
+
+def _gpu_index() -> int:
+    return int(os.environ.get(GPU_ENV, os.environ.get("LOCAL_RANK", "0")))
 
 
 def wants_gpu(device: str) -> bool:
@@ -72,7 +79,7 @@ def process_group(device: str = "auto") -> Iterator[None]:
         return
     gpu = wants_gpu(device)
     if gpu:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        local = _gpu_index()
         if local >= torch.cuda.device_count():
             raise CimisError(f"process {local} on this machine has no GPU of its own "
                              f"({torch.cuda.device_count()} present)", "start at most one process per GPU")

@@ -42,8 +42,8 @@ DEFAULT_CANCEL_FILE = "cancel"
 # Keys allowed at each level; anything else is a typo or a newer format, and is refused rather than ignored.
 _TOP_KEYS = {
     "common": ("format", "kind", "id", "registry", "output", "device", "threads", "cancel_file", "data"),
-    "train": ("budget", "train"),
-    "learn": ("budget", "learn"),
+    "train": ("budget", "train", "nproc", "devices"),
+    "learn": ("budget", "learn", "nproc", "devices"),
     "segment": ("segment",),
     "import": ("import",),
 }
@@ -97,6 +97,8 @@ class Job:
         class_names: train: the classes to learn; learn: the new classes (None: the manifest decides).
         new_classes: learn with listed cases: the new classes with their label values.
         images: segment: the volumes to segment.
+        nproc: train and learn: the number of data-parallel processes (ranks); rank 0 is the worker itself.
+        devices: train and learn: the CUDA device index of each rank (None: ranks 0..nproc-1, or the CPU).
     """
 
     source: Path
@@ -113,11 +115,16 @@ class Job:
     class_names: list[str] | None = None
     new_classes: ClassSet | None = None
     images: list[ImageInput] = field(default_factory=list)
+    nproc: int = 1
+    devices: list[int] | None = None
 
     def to_json(self) -> dict:
         """What the worker records about the job (job-state.json, version summaries)."""
-        return {"id": self.id, "kind": self.kind, "file": str(self.source), "output": str(self.output),
-                "registry": str(self.registry), "device": self.device}
+        recorded = {"id": self.id, "kind": self.kind, "file": str(self.source), "output": str(self.output),
+                    "registry": str(self.registry), "device": self.device}
+        if self.nproc > 1:
+            recorded.update(nproc=self.nproc, devices=self.devices)
+        return recorded
 
 
 # ------------------------------------------------------------------------------------------- parsing
@@ -158,6 +165,9 @@ def parse_job(data: Any, base: Path, source: Path) -> Job:
     kind = data.get("kind")
     if kind not in KINDS:
         raise CimisError(f"'kind' is {kind!r}", f"use one of {', '.join(KINDS)}")
+    for key in ("nproc", "devices"):
+        if key in data and kind not in ("train", "learn"):
+            raise CimisError(f"{key!r} is for train and learn jobs, not {kind} jobs", f"leave {key!r} out")
     _refuse_unknown(data, _TOP_KEYS["common"] + _TOP_KEYS[kind], "the job")
     for key in ("registry", "output"):
         if key not in data:
@@ -195,10 +205,35 @@ def parse_job(data: Any, base: Path, source: Path) -> Job:
         job.settings = _segment_settings(section)
         job.images = _images(data["data"], base)
     else:
+        job.nproc, job.devices = _ranks(data, job.device)
         job.budget = _budget(data.get("budget", {}))
         job.settings = _train_settings(section) if kind == "train" else _learn_settings(section)
         _training_data(job, data["data"], base)
     return job
+
+
+def _ranks(data: dict, device: str) -> tuple[int, list[int] | None]:
+    """``nproc`` and ``devices`` of a train or learn job (their presence on this machine is checked by the
+    worker, which imports torch): the number of ranks and each one's GPU."""
+    nproc = _positive_int(data["nproc"], "'nproc'") if "nproc" in data else None
+    devices = data.get("devices")
+    if devices is None:
+        if (nproc or 1) > 1 and device.startswith("cuda:"):
+            raise CimisError(f"'nproc' {nproc} starts one process per GPU from GPU 0, and 'device' is {device!r}",
+                             "choose the GPUs with 'devices' (e.g. [1, 2]) and leave 'device' out")
+        return nproc or 1, None
+    if not isinstance(devices, list) or not devices or \
+            not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices):
+        raise CimisError(f"'devices' must be a non-empty list of GPU indices like [0, 1], got {json.dumps(devices)[:80]}")
+    if len(set(devices)) != len(devices):
+        raise CimisError(f"'devices' lists a GPU twice ({devices})", "list each GPU once: one process per GPU")
+    if device == "cpu" or device.startswith("cuda:"):
+        raise CimisError(f"'devices' lists GPUs, and 'device' is {device!r}",
+                         "leave 'device' out (or auto or cuda) with 'devices'; on the CPU use 'nproc'")
+    if nproc is not None and nproc != len(devices):
+        raise CimisError(f"'nproc' is {nproc} and 'devices' lists {len(devices)} GPUs",
+                         "give one of them ('devices' alone starts one process per GPU)")
+    return len(devices), list(devices)
 
 
 def _budget(d: Any) -> Budget:

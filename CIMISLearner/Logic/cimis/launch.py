@@ -102,7 +102,7 @@ def check_nproc(nproc: int, device: str) -> None:
                          f"use --nproc {slots} or fewer" if slots > 1 else "leave out --nproc")
 
 
-def _port() -> int:
+def master_port() -> int:
     """``MASTER_PORT`` when set (refused when another program holds it), else a free port."""
     wanted = os.environ.get("MASTER_PORT")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -123,7 +123,7 @@ def launch(argv: list[str], nproc: int, device: str, run_dir: str | Path) -> Non
     """Run ``cimis <argv>`` as ``nproc`` ranks on this machine; returns when all succeeded, else raises
     :class:`CimisError` with the failing rank's own error line (or how it died)."""
     check_nproc(nproc, device)
-    port = _port()
+    port = master_port()
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 

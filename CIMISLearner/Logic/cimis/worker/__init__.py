@@ -32,6 +32,8 @@ One concept per module:
 * :mod:`~cimis.worker.oom` the out-of-memory policy;
 * :mod:`~cimis.worker.fault_points` the pauses of the fault-injection tests;
 * :mod:`~cimis.worker.work_folder` the job's output folder;
+* :mod:`~cimis.worker.ranks` a train or learn job on several ranks (the worker is rank 0), with
+  :mod:`~cimis.worker.rank`, the helper ranks' entry point;
 * :mod:`~cimis.worker.job_run` one execution of a job, shared by the job kinds
   :mod:`~cimis.worker.train_job`, :mod:`~cimis.worker.learn_job`, :mod:`~cimis.worker.segment_job` and
   :mod:`~cimis.worker.import_job`;

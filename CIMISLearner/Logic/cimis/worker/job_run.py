@@ -92,6 +92,8 @@ class JobRun:
             device = "cpu"
         elif cuda:
             device = "cuda:0" if requested in ("auto", "cuda") else requested
+            if self.job.devices:  # rank 0's GPU (the helper ranks take the others)
+                device = f"cuda:{self.job.devices[0]}"
             index = int(device.split(":")[1])
             if index >= torch.cuda.device_count():
                 raise CimisError(f"device {requested} does not exist ({torch.cuda.device_count()} GPUs)",
@@ -101,6 +103,9 @@ class JobRun:
             self.warn("no_gpu", "no CUDA GPU is available: running on the CPU, which is much slower")
         info: dict[str, Any] = {"device": device, "requested": requested, "cuda_available": cuda,
                                 "threads": torch.get_num_threads()}
+        if self.job.nproc > 1:  # rank 0's device; the other ranks take the next GPUs (or the CPU too)
+            info.update(nproc=self.job.nproc, devices=self.job.devices or
+                        ([f"cuda:{i}" for i in range(self.job.nproc)] if device.startswith("cuda") else None))
         if device.startswith("cuda"):
             props = torch.cuda.get_device_properties(int(device.split(":")[1]))
             info.update(gpu=props.name, gpu_memory_mb=props.total_memory / 2**20)

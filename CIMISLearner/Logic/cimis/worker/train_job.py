@@ -10,6 +10,7 @@ from cimis.jobs import Job, check_training_data
 from cimis.registry import Registry, classes_of, read_json_file
 from cimis.worker.job_run import JobRun
 from cimis.worker.oom import Attempt, free_cuda_memory, run_with_oom_retries
+from cimis.worker.ranks import HelperRanks, check_ranks
 
 
 def _check_registry_for_training(job: Job) -> Registry | None:
@@ -35,13 +36,50 @@ def run_train(run: JobRun) -> dict:
     if previous is not None:
         return previous
     check_training_data(manifest, classes)
+    check_ranks(job)
     state = run.prepare(state)
 
+    device = run.resolve_device()
+    preprocess, net_config, config = training_configs(job, device)
+    iterations = config.iterations
+    run.cancellation.check()
+    run.begin_work()
+    run.work.clean_partial_saves()
+
+    model_dir = run.work.finished_model()
+    if model_dir is None:
+        run.stage("training", iterations=iterations)
+        first = Attempt(device, config.batch_size, tuple(preprocess.patch_size))
+
+        def train(attempt: Attempt) -> Path:
+            return train_in_folder(job, attempt, run.work.checkpoint_exists(), run.trainer_event)
+
+        if job.nproc > 1:  # the ranks split the batch: no out-of-memory retries (docs/worker-protocol.md)
+            with HelperRanks(run, device, run.work.checkpoint_exists()):
+                model_dir = train(first)
+        else:
+            model_dir = run_with_oom_retries(train, first, net_config.size_divisor, run.oom_retry, free_cuda_memory)
+    card = read_json_file(model_dir / "card.json", "the trained model's card")
+    summary = {
+        "kind": "train", "note": settings.get("note", ""), "base_version": None, "dataset": manifest.name,
+        "new_classes": classes.names, "iterations": iterations, "device": run.device,
+        "metrics": card.get("metrics", {}), "job": {**job.to_json(), "token": state["token"]},
+    }
+    registry = run.publish(job.registry, model_dir, summary, settings.get("activate", True), state["token"])
+    result = run.result(version=run.published, active=registry.active_version() == run.published,
+                        model=registry.versions_dir / run.published, classes=classes_of(card).names,
+                        metrics=card.get("metrics", {}), registry=registry.root, outputs=[])
+    run.work.finish(result)
+    return result
+
+
+def training_configs(job: Job, device: str):
+    """The job's (PreprocessConfig, NetworkConfig, TrainConfig) on ``device``; the same in every rank."""
     from cimis.data.preprocess import PreprocessConfig
     from cimis.model.network import NetworkConfig
-    from cimis.train import TrainConfig, train_model
+    from cimis.train import TrainConfig
 
-    device = run.resolve_device()
+    settings = job.settings
     try:
         preprocess = PreprocessConfig.from_json(settings["preprocess"])
         network = settings["network"]
@@ -62,34 +100,20 @@ def run_train(run: JobRun) -> dict:
         val_every=budget.val_every or max(iterations // 4, 1),
         checkpoint_every=budget.checkpoint_every or max(iterations // 4, 1),
     )
-    run.cancellation.check()
-    run.begin_work()
-    run.work.clean_partial_saves()
+    return preprocess, net_config, config
 
-    model_dir = run.work.finished_model()
-    if model_dir is None:
-        run.stage("training", iterations=iterations)
-        first = Attempt(device, config.batch_size, tuple(preprocess.patch_size))
 
-        def train(attempt: Attempt) -> Path:
-            return train_model(
-                manifest, run.work.run, classes, net_config,
-                replace(preprocess, patch_size=list(attempt.patch_size)),
-                replace(config, device=attempt.device, batch_size=attempt.batch_size,
-                        samples_per_volume=min(config.samples_per_volume, attempt.batch_size)),
-                resume=run.work.checkpoint_exists(), on_event=run.trainer_event, progress=False,
-            )
+def train_in_folder(job: Job, attempt: Attempt, resume: bool, on_event=None) -> Path:
+    """Train the job's model into ``OUTPUT/run`` (rank 0 and every helper rank run this)."""
+    from cimis.train import train_model
 
-        model_dir = run_with_oom_retries(train, first, divisor, run.oom_retry, free_cuda_memory)
-    card = read_json_file(model_dir / "card.json", "the trained model's card")
-    summary = {
-        "kind": "train", "note": settings.get("note", ""), "base_version": None, "dataset": manifest.name,
-        "new_classes": classes.names, "iterations": iterations, "device": run.device,
-        "metrics": card.get("metrics", {}), "job": {**job.to_json(), "token": state["token"]},
-    }
-    registry = run.publish(job.registry, model_dir, summary, settings.get("activate", True), state["token"])
-    result = run.result(version=run.published, active=registry.active_version() == run.published,
-                        model=registry.versions_dir / run.published, classes=classes_of(card).names,
-                        metrics=card.get("metrics", {}), registry=registry.root, outputs=[])
-    run.work.finish(result)
-    return result
+    manifest = job.manifest
+    classes = manifest.classes.subset(job.class_names) if job.class_names else manifest.classes
+    preprocess, net_config, config = training_configs(job, attempt.device)
+    return train_model(
+        manifest, job.output / "run", classes, net_config,
+        replace(preprocess, patch_size=list(attempt.patch_size)),
+        replace(config, batch_size=attempt.batch_size,
+                samples_per_volume=min(config.samples_per_volume, attempt.batch_size)),
+        resume=resume, on_event=on_event, progress=False,
+    )
