@@ -104,3 +104,24 @@ def test_nnunet_networks_are_not_exported(tmp_path, capsys):
     fake.head, fake.num_channels = Head(), 2
     with pytest.raises(CimisError, match="not a MONAI network"):
         network_definition(fake)
+
+
+def test_overwrite_replaces_only_an_earlier_export(tmp_path, capsys):
+    model = own_model(tmp_path, "unet")
+    export = ["export", str(model), "--format", "monai-bundle", "--out"]
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("a user's file")
+    file_out = tmp_path / "bundle.txt"
+    file_out.write_text("a user's file")
+    for out in (user, file_out):
+        assert main([*export, str(out), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+    assert (user / "notes.txt").read_text() == "a user's file" and file_out.read_text() == "a user's file"
+    bundle = tmp_path / "bundle"
+    assert main([*export, str(bundle)]) == 0
+    assert main([*export, str(bundle)]) == 2  # an earlier export: replaced only with --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*export, str(bundle), "--overwrite"]) == 0
+    assert sorted(p.name for p in bundle.iterdir()) == ["LICENSE", "configs", "models"]
