@@ -48,14 +48,8 @@ def run_real_ct_story(folder: Path, out: Path, device: str = "auto", overwrite: 
     prepare_output(out, overwrite, "story", STORY_MARKER, STORY_ENTRIES)
     # The only case is trained on and evaluated (split "train"; see the module docstring).
     manifest = replace(example, splits={"train": [TOTALSEG_CASE_ID], "val": [TOTALSEG_CASE_ID]})
-    manifest_path = manifest.save(out / "manifest.json", overwrite=True)
-    preprocess = PreprocessConfig(spacing=REAL_CT_SPACING, patch_size=REAL_CT_PATCH)
-    base = single_pass_config(base_iterations, learning_rate, device)
-    step = single_pass_config(step_iterations, learning_rate, device)
-    result = run_story(manifest_path, out, REAL_CT_OLD, REAL_CT_NEW, preprocess, "small", base, step,
-                       strategies=("ft", "pgcd-dapd"), joint=False, eval_split="train")
-    _finish(result, out, started)
-    return result
+    return _tell_story(manifest, out, REAL_CT_OLD, REAL_CT_NEW, REAL_CT_SPACING, "train", device,
+                       base_iterations, step_iterations, learning_rate, started)
 
 
 def run_manifest_story(manifest_path: Path, out: Path, old: list[str] | None = None, new: list[str] | None = None,
@@ -80,22 +74,27 @@ def run_manifest_story(manifest_path: Path, out: Path, old: list[str] | None = N
     prepare_output(out, overwrite, "story", STORY_MARKER, STORY_ENTRIES)
     if not manifest.splits.get("val"):  # validation only picks the checkpoint to keep: the training data will do
         manifest = replace(manifest, splits={**manifest.splits, "val": manifest.splits["train"]})
+    return _tell_story(manifest, out, old, new, list(spacing or REAL_CT_SPACING), "test", device,
+                       base_iterations, step_iterations, learning_rate, started)
+
+
+def _tell_story(manifest: Manifest, out: Path, old: list[str], new: list[str], spacing: list[float],
+                eval_split: str, device: str, base_iterations: int, step_iterations: int, learning_rate: float,
+                started: float) -> StoryResult:
+    """Save the manifest into the story's folder, run the story with ``ft`` and ``pgcd-dapd`` on the
+    ``small`` network, write and print its tables and the survival table."""
     manifest_path = manifest.save(out / "manifest.json", overwrite=True)
-    preprocess = PreprocessConfig(spacing=list(spacing or REAL_CT_SPACING), patch_size=REAL_CT_PATCH)
+    preprocess = PreprocessConfig(spacing=spacing, patch_size=REAL_CT_PATCH)
     base = single_pass_config(base_iterations, learning_rate, device)
     step = single_pass_config(step_iterations, learning_rate, device)
     result = run_story(manifest_path, out, old, new, preprocess, "small", base, step,
-                       strategies=("ft", "pgcd-dapd"), joint=False, eval_split="test")
-    _finish(result, out, started)
-    return result
-
-
-def _finish(result: StoryResult, out: Path, started: float) -> None:
+                       strategies=("ft", "pgcd-dapd"), joint=False, eval_split=eval_split)
     survival = survival_table(result)
     write_text_atomic(out / "survival.md", survival + "\n", overwrite=True)
     print(result.to_markdown())
     print(survival)
     print(f"done in {(time.perf_counter() - started) / 60:.1f} min; tables: {out / 'story.md'}, {out / 'survival.md'}")
+    return result
 
 
 def survival_table(result: StoryResult) -> str:

@@ -14,7 +14,6 @@ Pickle-based checkpoints (``torch.save``) are refused: unpickling can execute ar
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as load_safetensors_into
 from safetensors.torch import save_model as save_safetensors_from
 
+from cimis.checksums import sha256_of
 from cimis import __version__
 from cimis.data.classes import ClassSet
 from cimis.data.preprocess import PreprocessConfig
@@ -87,14 +87,6 @@ class ModelCard:
             raise CimisError(f"{where} lacks the field {exc.args[0]!r}") from exc
         except TypeError as exc:
             raise CimisError(f"{where} has a malformed field: {exc}") from exc
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_model(

@@ -7,11 +7,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from pathlib import Path
 
+from cimis.checksums import sha256_of
 from cimis.data.classes import ClassSet
 from cimis.errors import CimisError
 from cimis.model.card_limits import check_card_fields
@@ -54,14 +54,6 @@ def check_safetensors_file(path: Path, where: str) -> None:
         raise CimisError(f"{where}: {pickle}", "use a model folder with safetensors weights, e.g. exported by `cimis models export`")
     raise CimisError(f"{where}: {path.name} is not a safetensors file (truncated or corrupted)",
                      "the model file is damaged; activate another version or import the model again")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_json_file(path: Path, what: str, hint: str | None = None) -> dict:

@@ -26,8 +26,9 @@ NETWORKS = {
 }
 
 
-def ct_volume(size=(36, 32, 40), seed=0) -> sitk.Image:
-    """A CT-like volume (HU) at the bundles' spacing in RAS: air, a body, three blobs of other densities."""
+def ct_volume(size=(36, 32, 40), seed=0, spacing=None, origin=(12.0, -30.0, 7.0), direction=None) -> sitk.Image:
+    """A CT-like volume (HU), by default at the bundles' spacing in RAS: air, a body, three blobs of other
+    densities. ``size``, ``spacing`` and ``origin`` are in (x, y, z) order."""
     rng = np.random.default_rng(seed)
     z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in size[::-1]], indexing="ij")
     array = np.full(z.shape, -1000.0)
@@ -36,9 +37,9 @@ def ct_volume(size=(36, 32, 40), seed=0) -> sitk.Image:
         array[(x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 < 0.09] = hu
     array += rng.normal(0, 15, array.shape)
     image = sitk.GetImageFromArray(array.astype(np.int16))
-    image.SetSpacing(tuple(SPACING))
-    image.SetOrigin((12.0, -30.0, 7.0))
-    image.SetDirection(RAS_DIRECTION)
+    image.SetSpacing(tuple(SPACING if spacing is None else spacing))
+    image.SetOrigin(tuple(origin))
+    image.SetDirection(RAS_DIRECTION if direction is None else direction)
     return image
 
 

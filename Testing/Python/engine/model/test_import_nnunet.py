@@ -370,19 +370,9 @@ def test_build_network_refuses_card_arguments_it_cannot_trust(tiny, monkeypatch)
 # ------------------------------------------------------------------------------------ end to end
 def _ct(spacing_xyz=(0.7, 0.8, 2.5), size_xyz=(20, 26, 10), seed=0):
     """A CT-like volume (HU) on an axis-aligned grid at the plans' spacing: air, a body, three blobs."""
-    import SimpleITK as sitk
+    from .conftest import ct_volume
 
-    rng = np.random.default_rng(seed)
-    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in size_xyz[::-1]], indexing="ij")
-    array = np.full(z.shape, -1000.0)
-    array[(x / 0.9) ** 2 + (y / 0.8) ** 2 < 1] = 40.0
-    for cx, cy, cz, hu in ((-0.4, 0.1, 0.0, 120.0), (0.4, 0.2, 0.3, -80.0), (0.1, -0.4, -0.3, 250.0)):
-        array[(x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 < 0.09] = hu
-    array += rng.normal(0, 15, array.shape)
-    image = sitk.GetImageFromArray(array.astype(np.int16))
-    image.SetSpacing(spacing_xyz)
-    image.SetOrigin((-10.0, 20.0, 5.0))
-    return image
+    return ct_volume(size_xyz, seed, spacing_xyz, origin=(-10.0, 20.0, 5.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
 
 
 def _nnunet_logits(net: torch.nn.Module, image) -> torch.Tensor:
