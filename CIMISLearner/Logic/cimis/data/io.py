@@ -345,6 +345,24 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
+def check_replaceable_folder(out: PathLike, overwrite: bool, own_entries: set[str], signature: str, what: str) -> None:
+    """Refuse an output ``out`` that is a file, or a non-empty folder unless ``overwrite`` is given and the
+    folder holds an earlier ``what`` and nothing else (only ``own_entries`` at its top, ``signature``
+    present): ``--overwrite`` must never delete a user's own files."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CimisError(f"{out} is a file", f"give a folder for the {what}")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise CimisError(f"{out} already exists and is not empty", "choose another output or pass --overwrite")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in own_entries)
+    if foreign or not (out / signature).is_file():
+        raise CimisError(f"{out} does not hold an earlier {what}"
+                         + (f" (it holds {', '.join(foreign[:5])})" if foreign else ""),
+                         f"--overwrite replaces only an earlier {what}; choose another output")
+
+
 @contextlib.contextmanager
 def csv_writer_atomic(path: PathLike):
     """A ``csv.writer`` whose rows replace ``path`` in one atomic write when the block ends: a report that

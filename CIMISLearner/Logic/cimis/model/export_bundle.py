@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from cimis import __version__
+from cimis.data.io import check_replaceable_folder
 from cimis.errors import CimisError
 from cimis.model.modelfile import load_model
 from cimis.model.network import NetworkConfig, SegmentationNet
@@ -171,28 +172,12 @@ def metadata(card, model_dir: Path) -> dict:
 BUNDLE_ENTRIES = {"configs", "models", "LICENSE"}
 
 
-def _check_replaceable(out: Path, overwrite: bool) -> None:
-    """Refuse an output that is a file, or a non-empty folder unless ``overwrite`` is given and the folder
-    holds an earlier export and nothing else: --overwrite must never delete a user's own files."""
-    if out.exists() and not out.is_dir():
-        raise CimisError(f"{out} is a file", "give a folder for the bundle")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    if not overwrite:
-        raise CimisError(f"{out} already exists and is not empty", "choose another output or pass --overwrite")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in BUNDLE_ENTRIES)
-    if foreign or not (out / "configs" / "metadata.json").is_file():
-        raise CimisError(f"{out} does not hold an earlier exported bundle"
-                         + (f" (it holds {', '.join(foreign[:5])})" if foreign else ""),
-                         "--overwrite replaces only an earlier export; choose another output")
-
-
 def export_monai_bundle(model_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Write ``model_dir`` as a MONAI bundle folder ``out`` (complete or not at all)."""
     from safetensors.torch import save_file
 
     model_dir, out = Path(model_dir), Path(out)
-    _check_replaceable(out, overwrite)
+    check_replaceable_folder(out, overwrite, BUNDLE_ENTRIES, "configs/metadata.json", "exported bundle")
     net, card = load_model(model_dir)
     network, state = network_definition(net)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}

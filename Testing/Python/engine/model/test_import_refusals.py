@@ -198,3 +198,19 @@ def test_a_bad_prototype_volume_is_refused_and_nothing_written(tmp_path, bundle_
     (tmp_path / "notct.nii.gz").write_bytes(b"not an image")
     line = refused(capsys, tmp_path, bundle_factory(), "--volumes", tmp_path / "notct.nii.gz")
     assert "notct.nii.gz" in line
+
+
+def test_overwrite_replaces_only_an_earlier_model_folder(tmp_path, bundle_factory, capsys):
+    bundle = bundle_factory("UNet")
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "scan.nii.gz").write_text("a user's file")
+    assert main(["import-model", str(bundle), "--out", str(user), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "does not hold an earlier model folder" in err and "Traceback" not in err
+    assert (user / "scan.nii.gz").read_text() == "a user's file"
+    model = tmp_path / "model"
+    assert main(["import-model", str(bundle), "--out", str(model)]) == 0
+    assert main(["import-model", str(bundle), "--out", str(model)]) == 2  # only with --overwrite
+    assert main(["import-model", str(bundle), "--out", str(model), "--overwrite"]) == 0
+    assert load_model(model)[1].network.arch == "imported"
