@@ -48,6 +48,19 @@ class CIMISLearner(ScriptedLoadableModule):
             "Method: Zhu et al., Class Incremental Medical Image Segmentation via Prototype-Guided Calibration "
             "and Dual-Aligned Distillation, arXiv 2511.07749. Built on MONAI, PyTorch and SimpleITK."
         )
+        # The Sample Data module is loaded only once Slicer has started.
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """Offer the module's sample CT (a synthetic abdomen and its organs) in the Sample Data module."""
+    try:
+        import SampleData
+    except ModuleNotFoundError:  # the Sample Data module is turned off in the application settings
+        return
+    from cimis_slicer.sample_data import register_sample_data
+
+    register_sample_data(SampleData.SampleDataLogic, Path(__file__).parent / "Resources")
 
 
 @parameterNodeWrapper
@@ -496,8 +509,8 @@ class CIMISLearnerLogic(ScriptedLoadableModuleLogic):
 
 
 class CIMISLearnerTest(ScriptedLoadableModuleTest):
-    """The bridge tests' full round, inside Slicer: ``Slicer --no-main-window --python-code
-    "slicer.selfTests['CIMISLearner'](); slicer.util.exit()"``."""
+    """The sample CT through Sample Data, then the bridge tests' full round, inside Slicer: ``Slicer
+    --no-main-window --python-code "slicer.selfTests['CIMISLearner'](); slicer.util.exit()"``."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -506,6 +519,8 @@ class CIMISLearnerTest(ScriptedLoadableModuleTest):
         from cimis_slicer.dependencies import missing_requirements
 
         self.setUp()
+        self.test_sample_data()
+        self.setUp()
         plan = missing_requirements()
         if not plan.nothing_to_do:
             # The extensions' build machines have no torch: say why nothing ran instead of failing.
@@ -513,6 +528,17 @@ class CIMISLearnerTest(ScriptedLoadableModuleTest):
                               "(install them from the module, then run the test again)")
             return
         self.test_full_round()
+
+    def test_sample_data(self):
+        """The sample CT loads through Slicer's own Sample Data module (needs no torch)."""
+        import SampleData
+
+        from cimis_slicer.sample_data import SAMPLE_NAME, sample_problems
+
+        registerSampleData()
+        volume, segmentation = SampleData.downloadSamples(SAMPLE_NAME)
+        self.assertEqual(sample_problems(volume, segmentation), [])
+        self.delayDisplay("Sample CT loaded from Sample Data")
 
     def test_full_round(self):
         import tempfile

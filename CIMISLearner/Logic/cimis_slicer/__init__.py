@@ -14,6 +14,7 @@ runs, and is tested, on the ``slicer-core`` wheel without a GUI. One concept per
 * :mod:`~cimis_slicer.version_scores` a learned version's pre-activation check, per organ, with flags
 * :mod:`~cimis_slicer.slice_views`   offscreen slice views (screenshots, overlay checks)
 * :mod:`~cimis_slicer.screenshots`   ``python -m cimis_slicer.screenshots``: the user guide's pictures
+* :mod:`~cimis_slicer.sample_data`   the sample CT in Slicer's Sample Data: its files, registration and check
 
 The engine (:mod:`cimis`) never imports this package.
 """

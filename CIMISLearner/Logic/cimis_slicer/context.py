@@ -39,6 +39,7 @@ class SlicerContext:
         app.SetMRMLScene(scene)
         app.GetColorLogic().SetMRMLScene(scene)
         app.GetColorLogic().AddDefaultColorNodes()
+        app.SetModuleLogic("Colors", app.GetColorLogic())  # the volumes logic colours new volumes through it
         app.SetSliceLogics(vtk.vtkCollection())
         app.SetViewLogics(vtk.vtkCollection())
         segmentations = slicer.vtkSlicerSegmentationsModuleLogic()

@@ -44,3 +44,18 @@ def test_the_panel_offers_every_incremental_strategy_of_the_engine():
     module = (ROOT / "CIMISLearner" / "CIMISLearner.py").read_text(encoding="utf-8")
     choice = re.search(r"strategy: Annotated\[str, Choice\((\[.*?\])\)\]", module)
     assert choice and sorted(json.loads(choice.group(1))) == sorted(incremental)
+
+
+def test_the_module_installs_every_resource_it_uses_and_registers_the_sample_ct_at_startup():
+    from cimis_slicer.sample_data import SAMPLE_FILES, THUMBNAIL
+
+    cmake = (ROOT / "CIMISLearner" / "CMakeLists.txt").read_text(encoding="utf-8")
+    block = re.search(r"set\(MODULE_PYTHON_RESOURCES\s+(.*?)\)", cmake, re.DOTALL).group(1)
+    installed = set(block.replace("${MODULE_NAME}", "CIMISLearner").split())
+    wanted = {f"Resources/{f.relative_path}" for f in SAMPLE_FILES} | {f"Resources/{THUMBNAIL}"}
+    assert not wanted - installed, f"not installed by CIMISLearner/CMakeLists.txt: {sorted(wanted - installed)}"
+    assert all((ROOT / "CIMISLearner" / path).is_file() for path in installed), sorted(installed)
+    module = (ROOT / "CIMISLearner" / "CIMISLearner.py").read_text(encoding="utf-8")
+    assert 'slicer.app.connect("startupCompleted()", registerSampleData)' in module
+    assert re.search(r"def registerSampleData\(\):.*?register_sample_data\(SampleData\.SampleDataLogic, ", module,
+                     re.DOTALL)
