@@ -86,6 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--phantom-variant", choices=["btcv", "word"], help="phantoms with the 13 BTCV or 16 WORD organs")
     p.add_argument("--phantom-cases", type=int, help="phantoms to generate (train + val + test)")
     p.add_argument("--phantom-spacing", type=float, help="phantom voxel size in mm")
+    p.add_argument("--phantom-val-cases", type=int,
+                   help="validation cases among --phantom-cases (--quick: 1); --tune chooses on them")
     p.add_argument("--phantom-test-cases", type=int)
     p.add_argument("--phantom-step-scanner", choices=["reference", "other"],
                    help="hard setting: the steps' volumes come from this scanner, step 0's from the reference "
@@ -199,7 +201,7 @@ def configs_from(args: argparse.Namespace) -> list[tuple[Path, "BenchConfig"]]: 
         if args.no_predictions:
             overrides["save_predictions"] = False
         phantom = {k: v for k, v in {"variant": args.phantom_variant, "cases": args.phantom_cases,
-                                       "spacing": args.phantom_spacing,
+                                       "spacing": args.phantom_spacing, "val_cases": args.phantom_val_cases,
                                        "test_cases": args.phantom_test_cases}.items() if v is not None}
         if args.phantom_step_scanner is not None:
             phantom["step_scanner"] = None if args.phantom_step_scanner == "reference" else args.phantom_step_scanner

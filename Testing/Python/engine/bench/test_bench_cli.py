@@ -223,10 +223,20 @@ def _with(args: list[str], changes: dict[str, str]) -> list[str]:
     ({"--seeds": "0"}, [], "no seed to run"),
     ({}, ["--report-only"], "holds no benchmark"),
     ({}, ["--full", "--btcv", "/nonexistent"], "does not exist"),
+    ({}, ["--phantom-val-cases", "3"], "leaves no training case"),
 ])
 def test_bad_input_is_one_error_line(tmp_path, capsys, changes, flags, words):
     code, _, err = _run(capsys, *_with(ARGS, changes), *flags, "--out", tmp_path / "new")
     assert code == 2 and words in _one_error_line(err)
+
+
+def test_the_validation_cases_reach_the_phantoms(tmp_path):
+    from cimis.bench.command import configs_from
+    from cimis.cli import build_parser
+
+    args = build_parser().parse_args([*ARGS, "--phantom-val-cases", "2", "--out", str(tmp_path / "b")])
+    [(_, config)] = configs_from(args)
+    assert (config.phantoms.cases, config.phantoms.val_cases, config.phantoms.test_cases) == (4, 2, 1)
 
 
 def test_a_folder_with_other_files_is_refused(tmp_path, capsys):
