@@ -20,7 +20,6 @@ from cimis.device import autocast
 from cimis.train import Trainer
 
 
-RELIABILITIES = ("affinity", "affinity-probability")
 WEIGHTS = ("lambda_f", "lambda_o", "lambda_p", "kd_weight", "feature_kd_weight", "pod_features", "pod_logits")
 
 
@@ -43,11 +42,6 @@ class StepOptions:
     lambda_p: float | None = None  # pgcd-dapd: DAPD
     tau_s: float = 0.1
     tau_c: float = 1.0
-    # pgcd-dapd, issue 16 item 7 (docs/method.md): what PGCD's reliability r is made of, and the weight w
-    # below which a pseudo-label is not trusted (0: every pseudo-label of METHOD.md section 3 is used).
-    reliability: str = "affinity"  # "affinity" (METHOD.md) | "affinity-probability" (times p'_{c'})
-    pseudo_label_min_weight: float = 0.0
-    segmentation_variant: str = "spec"  # EXPERIMENT: "spec" | "unbiased-background" | "merged-dice"
     momentum: float = 0.99
     entropy_floor: float = 0.001
     kd_weight: float | None = None  # lwf, ilt, mib: weight of the KD averaged over the old classes
@@ -58,10 +52,6 @@ class StepOptions:
     def __post_init__(self):
         if self.head_init not in (None, "balanced", "random"):
             raise CimisError(f"unknown head init {self.head_init!r}", "use balanced or random")
-        if self.reliability not in RELIABILITIES:
-            raise CimisError(f"unknown reliability {self.reliability!r}", f"use {' or '.join(RELIABILITIES)}")
-        if isinstance(self.pseudo_label_min_weight, bool) or not self.pseudo_label_min_weight >= 0:
-            raise CimisError(f"pseudo_label_min_weight must be a number of at least 0, not {self.pseudo_label_min_weight}")
         for name in WEIGHTS:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0):

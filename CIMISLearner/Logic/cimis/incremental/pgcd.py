@@ -27,8 +27,6 @@ class PGCDLoss(nn.Module):
         spatial_weight: off -> ``w = 1`` on every participating voxel (ablation).
         channel_weight: off -> ``a = 1`` (ablation).
         output_term: off -> ``L_o`` is not computed (ablation).
-        reliability: ``"affinity"``: ``r = A_{c'}`` (METHOD.md); ``"affinity-probability"``: ``r = A_{c'} p'_{c'}``,
-            the affinity times the old model's probability of its own prediction (docs/method.md, issue 16).
 
     Forward shapes:
         features, old_features: ``(B, D, X, Y, Z)`` (student F, teacher F').
@@ -39,10 +37,8 @@ class PGCDLoss(nn.Module):
     """
 
     def __init__(self, lambda_f: float = 1.0, lambda_o: float = 1.0, tau_s: float = 0.1, tau_c: float = 1.0,
-                 spatial_weight: bool = True, channel_weight: bool = True, output_term: bool = True,
-                 reliability: str = "affinity"):
+                 spatial_weight: bool = True, channel_weight: bool = True, output_term: bool = True):
         super().__init__()
-        self.reliability = reliability
         self.lambda_f, self.lambda_o = lambda_f, lambda_o
         self.tau_s, self.tau_c = tau_s, tau_c
         self.spatial_weight, self.channel_weight, self.output_term = spatial_weight, channel_weight, output_term
@@ -64,8 +60,6 @@ class PGCDLoss(nn.Module):
         cosine = cosine.masked_fill(~valid.view(1, -1, 1), float("-inf")).view(b, n_old, *old_features.shape[2:])
         affinity = torch.softmax(cosine / self.tau_s, dim=1)
         reliability = torch.nan_to_num(affinity.gather(1, old_class.unsqueeze(1)).squeeze(1))
-        if self.reliability == "affinity-probability":
-            reliability = reliability * torch.softmax(old_logits.float(), 1).max(1).values
         # A voxel whose predicted class has no prototype cannot be judged either way: it gets the mean
         # reliability (weight 1) instead of silently dropping out of L_f and L_o.
         # Means over every rank's batch (cimis/distributed.py): the weights of the global batch.
@@ -89,12 +83,10 @@ class PGCDLoss(nn.Module):
             return torch.ones_like(prototypes)
         return d * torch.softmax(prototypes.abs().float() / self.tau_c, dim=1)
 
-    def forward(self, features, old_features, logits, old_logits, labels, prototypes, valid, weights=None):
-        """``weights``: :meth:`voxel_weights` when the caller has them already."""
+    def forward(self, features, old_features, logits, old_logits, labels, prototypes, valid):
         n_old = old_logits.shape[1]
         old_class = predicted_classes(old_logits)  # c'(v)
-        if weights is None:
-            weights = self.voxel_weights(old_features, old_logits, labels, prototypes, valid, old_class)
+        weights = self.voxel_weights(old_features, old_logits, labels, prototypes, valid, old_class)
         # Sums over every rank's batch divided by the global count of participating voxels.
         count = all_reduce_sum((labels < n_old).sum().float()).clamp_min(1)
         loss, parts = features.new_zeros((), dtype=torch.float32), {}

@@ -19,7 +19,7 @@ from cimis.errors import CimisError
 from cimis.incremental.base import IncrementalTrainer
 from cimis.incremental.dapd import DAPDLoss
 from cimis.incremental.pgcd import PGCDLoss
-from cimis.incremental.prototypes import IGNORE, PrototypeBank
+from cimis.incremental.prototypes import PrototypeBank
 
 
 class PGCDDAPD(IncrementalTrainer):
@@ -38,50 +38,18 @@ class PGCDDAPD(IncrementalTrainer):
             self.bank = None  # computed in before_training, from the step's own images
         else:
             self._make_bank(*self.old_prototypes)
-        self.pgcd = PGCDLoss(o.lambda_f, o.lambda_o, o.tau_s, o.tau_c, o.spatial_weight, o.channel_weight, o.output_term,
-                             o.reliability)
+        self.pgcd = PGCDLoss(o.lambda_f, o.lambda_o, o.tau_s, o.tau_c, o.spatial_weight, o.channel_weight, o.output_term)
         self.dapd = DAPDLoss(o.lambda_p, o.dapd_global, o.dapd_local)
         self._background_update = None
 
     def step_loss(self, labels, logits, features, old_logits, old_features):
         targets = self.targets(labels, old_logits)
-        protos, valid = self.bank.prototypes, self.bank.valid
-        weights = self.pgcd.voxel_weights(old_features, old_logits, labels, protos, valid)
-        if self.options.pseudo_label_min_weight > 0:
-            # Where PGCD would distil the old model only weakly, its pseudo-label is not trusted either.
-            distrusted = (labels < self.n_old) & (weights < self.options.pseudo_label_min_weight)
-            targets = torch.where(distrusted, torch.full_like(targets, IGNORE), targets)
         loss, parts = self.segmentation(logits, targets)
-        if self.options.segmentation_variant != "spec":
-            loss, parts = self._experimental_segmentation(logits, targets)
-        pgcd, pgcd_parts = self.pgcd(features, old_features, logits, old_logits, labels, protos, valid, weights)
+        protos, valid = self.bank.prototypes, self.bank.valid
+        pgcd, pgcd_parts = self.pgcd(features, old_features, logits, old_logits, labels, protos, valid)
         dapd, dapd_parts = self.dapd(features, old_features, targets, protos, valid)
         self._background_update = (old_features.detach(), targets.detach())
         return loss + pgcd + dapd, {**parts, **pgcd_parts, **dapd_parts}
-
-    def _experimental_segmentation(self, logits, targets):
-        import torch.nn.functional as F
-
-        from cimis.seg_loss import batch_dice_loss
-
-        n_old = self.n_old
-        keep = targets != IGNORE
-        safe = torch.where(keep, targets, torch.zeros_like(targets)).long()
-        log_p = torch.log_softmax(logits.float(), 1)
-        probs = log_p.exp()
-        if self.options.segmentation_variant == "unbiased-background":
-            # background target: background or any new class (MiB's merge, on the background side)
-            merged_bg = torch.logsumexp(torch.cat([log_p[:, :1], log_p[:, n_old:]], 1), 1)
-            nll = torch.where(safe == 0, -merged_bg, -log_p.gather(1, safe.unsqueeze(1)).squeeze(1))
-            ce = (nll * keep).sum() / keep.sum().clamp_min(1)
-            dice = batch_dice_loss(probs, safe, keep)
-        else:  # merged-dice: CE on y~ as specified, Dice on (old merged, new classes) as MiB
-            ce = F.nll_loss(log_p, torch.where(keep, safe, torch.full_like(safe, -100)), ignore_index=-100)
-            merged = torch.cat([probs[:, :n_old].sum(1, keepdim=True), probs[:, n_old:]], 1)
-            merged_t = torch.where(safe >= n_old, safe - n_old + 1, torch.zeros_like(safe))
-            dice = batch_dice_loss(merged, merged_t, keep)
-        loss = ce + dice
-        return loss, {"seg": float(loss.detach())}
 
     def imported_old_model(self) -> bool:
         return getattr(self.old_net.config, "arch", "") == "imported"
