@@ -77,8 +77,9 @@ def _last_bias(net: UNet) -> torch.nn.Module:
 
 def write_bundle(root: Path, name: str = "SegResNet", net: torch.nn.Module | None = None, fmt: str = "json",
                  inference_changes: dict | None = None, metadata_changes: dict | None = None,
-                 weights: str = "pt") -> Path:
-    """A MONAI bundle folder as the Model Zoo lays it out (configs/, models/), with literal values."""
+                 weights: str = "pt", class_names: list[str] = CLASS_NAMES) -> Path:
+    """A MONAI bundle folder as the Model Zoo lays it out (configs/, models/), with literal values; the
+    metadata names ``class_names`` as output channels 1, 2, ... after the background."""
     net = net if net is not None else make_network(name)
     (root / "configs").mkdir(parents=True, exist_ok=True)
     (root / "models").mkdir(exist_ok=True)
@@ -106,8 +107,8 @@ def write_bundle(root: Path, name: str = "SegResNet", net: torch.nn.Module | Non
         "version": "0.1.0", "monai_version": "1.6.1",
         "network_data_format": {
             "inputs": {"image": {"type": "image", "format": "hounsfield", "num_channels": 1}},
-            "outputs": {"pred": {"type": "image", "format": "segmentation", "num_channels": 4,
-                                 "channel_def": {"0": "background", **{str(i + 1): n for i, n in enumerate(CLASS_NAMES)}}}},
+            "outputs": {"pred": {"type": "image", "format": "segmentation", "num_channels": len(class_names) + 1,
+                                 "channel_def": {"0": "background", **{str(i + 1): n for i, n in enumerate(class_names)}}}},
         },
     }
     metadata.update(metadata_changes or {})
