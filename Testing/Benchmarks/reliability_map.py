@@ -27,15 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.transforms import Compose
 from scipy.stats import rankdata
 
+from cimis.bench.pseudo_label_errors import reference_in_model_space
 from cimis.data.manifest import Manifest
-from cimis.data.preprocess import model_space_transforms
 from cimis.incremental.pseudo_labels import normalised_entropy
 from cimis.infer import iterate_tiles
 from cimis.model.modelfile import load_model, load_prototypes
-from cimis.train import LoadCased
 
 TAUS = (0.02, 0.05, 0.1, 0.3, 1.0)
 
@@ -71,12 +69,7 @@ def collect(model_dir: Path, manifest: Manifest, split: str):
     net.eval()
     prototypes, valid = load_prototypes(model_dir, card)
     unit_prototypes = F.normalize(prototypes.float(), dim=1)
-    prepare = Compose([LoadCased(manifest.classes, manifest.classes), model_space_transforms(card.preprocessing, True)])
-    to_model = np.full(manifest.classes.num_channels, -1, dtype=np.int64)
-    to_model[0] = 0
-    for channel, cls in enumerate(manifest.classes, start=1):
-        if cls.name in card.classes.names:
-            to_model[channel] = card.classes.names.index(cls.name) + 1
+    prepare, to_model = reference_in_model_space(manifest, card)
     scores: dict[str, list] = {}
     rights, organs = [], []
     for case in manifest.cases_in(split):

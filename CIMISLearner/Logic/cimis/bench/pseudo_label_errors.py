@@ -46,14 +46,7 @@ def pseudo_label_errors(model_dir: str | Path, manifest: Manifest, split: str, d
     torch_device = resolve_device(device)
     net = net.to(torch_device).eval()
     n_old = card.classes.num_channels
-    # Labels as channels of every manifest class, so the voxels of organs the model does not know can be
-    # left out, then mapped to the model's channels.
-    prepare = Compose([LoadCased(manifest.classes, manifest.classes), model_space_transforms(card.preprocessing, True)])
-    to_model = np.full(manifest.classes.num_channels, -1, dtype=np.int64)
-    to_model[0] = 0
-    for channel, cls in enumerate(manifest.classes, start=1):
-        if cls.name in card.classes.names:
-            to_model[channel] = card.classes.names.index(cls.name) + 1
+    prepare, to_model = reference_in_model_space(manifest, card)
     probabilities, truths, ids = [], [], []
     stats = EntropyThresholds(n_old, entropy_floor)
     for case in manifest.cases_in(split):
@@ -79,6 +72,19 @@ def pseudo_label_errors(model_dir: str | Path, manifest: Manifest, split: str, d
                  for name, c in zip(card.classes.names, by_class[1:])}
     return {"split": split, "cases": len(ids), "model": str(model_dir), **_figures(totals), "per_class": per_class,
             "per_case": per_case}
+
+
+def reference_in_model_space(manifest: Manifest, card) -> tuple[Compose, np.ndarray]:
+    """A transform that loads a case into the model's space with its full reference, and the map from the
+    reference's channels to the model's (``-1`` for classes the model does not know, so their voxels can be
+    left out)."""
+    prepare = Compose([LoadCased(manifest.classes, manifest.classes), model_space_transforms(card.preprocessing, True)])
+    to_model = np.full(manifest.classes.num_channels, -1, dtype=np.int64)
+    to_model[0] = 0
+    for channel, cls in enumerate(manifest.classes, start=1):
+        if cls.name in card.classes.names:
+            to_model[channel] = card.classes.names.index(cls.name) + 1
+    return prepare, to_model
 
 
 def _class_counts(targets: torch.Tensor, truth: torch.Tensor, n_old: int) -> np.ndarray:
