@@ -560,7 +560,11 @@ class Workflow:
         if self.keep_job_folders or not self.jobs_dir.is_dir():
             return
         self.resumable = None
-        for folder in self.jobs_dir.iterdir():
+        try:
+            folders = list(self.jobs_dir.iterdir())
+        except OSError:
+            return  # an unreadable jobs folder: the job's own folder creation then says what is wrong
+        for folder in folders:
             if folder != self._finishing and _is_job_folder(folder) and not _owned_by_another_slicer(folder):
                 shutil.rmtree(folder, ignore_errors=True)
 
@@ -625,8 +629,11 @@ class Workflow:
 def _is_job_folder(path: Path) -> bool:
     """A folder this module wrote: a job id as its name (``segment-20250101-120000-0a1b2c``) and the owner
     file or job file it writes first. A link is never one (its target may be anywhere)."""
-    return (not path.is_symlink() and path.is_dir() and JOB_FOLDER_NAME.fullmatch(path.name) is not None
-            and ((path / OWNER_FILE).is_file() or (path / "job.json").is_file()))
+    try:
+        return (JOB_FOLDER_NAME.fullmatch(path.name) is not None and not path.is_symlink() and path.is_dir()
+                and ((path / OWNER_FILE).is_file() or (path / "job.json").is_file()))
+    except OSError:  # not ours to read, so not ours to remove
+        return False
 
 
 def _owner_only(folder: Path) -> None:

@@ -74,7 +74,7 @@ def test_cancelled_job_folder_goes_at_the_next_start_and_handler_bugs_reach_the_
         assert status.state == "error" and not flow.busy
         assert "KeyError" in status.message and "bug" in status.message and "\n" not in status.message
         assert flow.outcome.message == status.message
-        assert (flow.task is None and any(flow.jobs_dir.iterdir()))  # the failed job's folder, for a look
+        assert flow.task is None and any(flow.jobs_dir.iterdir())  # the failed job's folder, for a look
         flow.shutdown()
         assert list(flow.jobs_dir.iterdir()) == []
     finally:
