@@ -127,7 +127,7 @@ class CIMISLearnerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self.timer.stop()
-        self.workflow.shutdown()  # cancel file, then the worker's whole process tree
+        self.workflow.shutdown()  # cancel file, then the worker's whole process tree; then the job folders go
         self.removeObservers()
 
     def enter(self):
@@ -140,6 +140,7 @@ class CIMISLearnerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
 
     def onSceneStartClose(self, caller, event):
+        self.workflow.scene_closing()  # a running Segment's result would have no volume to go on
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -500,7 +501,7 @@ class CIMISLearnerLogic(ScriptedLoadableModuleLogic):
 
     def createWorkflow(self):
         """The widget's one workflow; the registry is set (and refused while a job runs) on it later. Job
-        folders live under Slicer's temporary folder and shrink to logs once imported."""
+        folders live under Slicer's temporary folder, owner-only, and go when the next job starts or Slicer closes."""
         from cimis_slicer.context import SlicerContext
         from cimis_slicer.workflow import Workflow
 

@@ -268,6 +268,7 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             pass
         self._end_leftovers()
+        self._stderr.close()  # our handle on its log: Windows cannot remove the job folder while it is open
 
     def _end_leftovers(self) -> None:
         """The launcher has exited; a child it left behind (same process group) is ended too."""

@@ -6,11 +6,15 @@ A :class:`Workflow` owns at most one running job. Starting one checks the input 
 timer; when a job ends it imports the result into *new* segmentation nodes (nothing in the scene is ever
 replaced), and after a learn job it re-segments the volumes with the new, now active, version.
 
-Job folders: ``JOBS/<id>/job.json``, ``inputs/`` (volumes and new-structure label maps, uncompressed so that
-writing them is quick), ``output/`` (the worker's own folder) and ``worker-stderr.log``. They hold a copy of
-the patient's images, so they do not stay: once a job's result is imported only ``events.jsonl``,
-``result.json`` and the log are kept (a few kB); a cancelled or failed job's folder is removed when the next
-job starts (Resume needs it until then). ``keep_job_folders`` keeps everything, for debugging.
+Job folders: ``JOBS/<id>/owner.pid``, ``job.json``, ``inputs/`` (volumes and new-structure label maps,
+uncompressed so that writing them is quick), ``output/`` (the worker's own folder) and ``worker-stderr.log``;
+owner-only (0700), since they hold a copy of the patient's images. They do not stay: a job whose inputs
+cannot all be written or whose worker cannot start leaves no folder; once a job's result is imported only
+``events.jsonl``, ``result.json`` and the log are kept (a few kB); and every folder of this module (a finished
+job's logs, a cancelled or failed job's images, what a crashed session left) is removed when the next job
+starts and when Slicer closes (:meth:`Workflow.shutdown`), except another running Slicer's. Resume lives in
+this session's memory, so a cancelled Learn can be resumed until then. ``keep_job_folders`` keeps
+everything, for debugging.
 
 A learn job leaves its new version inactive (unless ``JobSettings.auto_activate``): the panel shows the
 version's pre-activation scores (:mod:`cimis_slicer.version_scores`) and :meth:`Workflow.activate_learned`
@@ -19,16 +23,18 @@ makes it live and segments the volumes again with it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import re
 import shutil
+import stat
 import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from cimis.data.classes import ClassInfo, ClassSet
 from cimis.errors import CimisError
@@ -43,6 +49,8 @@ from cimis_slicer.version_scores import VersionScores
 from cimis_slicer.worker_process import CANCELLED, DONE, ERROR, JobStatus, WorkerProcess
 
 JOB_FORMAT = "cimis-job/1"
+JOB_KINDS = ("segment", "learn", "train", "import")
+JOB_FOLDER_NAME = re.compile(rf"(?:{'|'.join(JOB_KINDS)})-\d{{8}}-\d{{6}}-[0-9a-f]{{6}}")
 OWNER_FILE = "owner.pid"  # the Slicer process that started the job
 DEVICES = ("auto", "cpu", "cuda")
 STRATEGIES = ("pgcd-dapd", "ft", "pseudo-labels", "lwf", "ilt", "mib", "plop")
@@ -189,7 +197,7 @@ class Workflow:
         if not learned.awaiting_activation or not learned.version:
             raise CimisError("no learned version is waiting for activation", "press Learn first")
         name = self.activate(learned.version)
-        volumes = [v for v in learned.volumes if v is not None and v.GetScene() is self.context.scene]
+        volumes = [v for v in learned.volumes if self._in_scene(v)]
         if volumes:
             self.segment(volumes, settings, new_classes=learned.new_classes)
         self.outcome = learned
@@ -231,14 +239,6 @@ class Workflow:
             return registry.import_model(source, activate=registry.active_version() is None)
         settings = settings or JobSettings()
         settings.check()
-        folder, job_id = self._new_job_folder("import")
-        job = self._job_header("import", job_id, folder, settings)
-        options = {"classes": list(classes) if classes else None, "fold": fold, "spacing": spacing,
-                   "window": window, "patch_size": patch_size}
-        job["import"] = {"source": str(source), **{k: v for k, v in options.items() if v is not None},
-                         "note": settings.note or f"imported from {source.name} in 3D Slicer"}
-        if volumes:
-            job["data"] = {"volumes": [str(Path(v).absolute()) for v in volumes]}
 
         def on_done(result: dict) -> None:
             version, kept = result.get("version"), list(result.get("classes", []))
@@ -247,7 +247,15 @@ class Workflow:
                                     f"{', '.join(kept[:10])}{' ...' if len(kept) > 10 else ''})"
                                     + ("; it is the active version" if result.get("active") else ""))
 
-        self._start("import", folder, job, on_done)
+        with self._new_job("import") as (folder, job_id):
+            job = self._job_header("import", job_id, folder, settings)
+            options = {"classes": list(classes) if classes else None, "fold": fold, "spacing": spacing,
+                       "window": window, "patch_size": patch_size}
+            job["import"] = {"source": str(source), **{k: v for k, v in options.items() if v is not None},
+                             "note": settings.note or f"imported from {source.name} in 3D Slicer"}
+            if volumes:
+                job["data"] = {"volumes": [str(Path(v).absolute()) for v in volumes]}
+            self._start("import", folder, job, on_done)
         return folder
 
     # ------------------------------------------------------------------------------------------- jobs
@@ -268,22 +276,22 @@ class Workflow:
             check_not_transformed(volume, "volume")
             geometry_of(volume)
         self.model_classes()  # a registry with a readable active model, before anything is written
-        folder, job_id = self._new_job_folder("segment")
-        images, by_id = [], {}
-        for n, volume in enumerate(volume_nodes):
-            case_id = f"{n + 1:02d}-{_safe(volume.GetName())}"
-            image = write_volume(self.context.scene, volume, folder / "inputs" / f"{case_id}.nrrd")
-            images.append({"id": case_id, "image": str(image)})
-            by_id[case_id] = volume
-        job = self._job_header("segment", job_id, folder, settings)
-        job["data"] = {"images": images}
+        by_id = {f"{n + 1:02d}-{_safe(volume.GetName())}": volume for n, volume in enumerate(volume_nodes)}
 
         def on_done(result: dict) -> None:
             version = result.get("version")
+            # The scene may have been closed (and another patient loaded) while the job ran: a result is
+            # only placed on its own volume, still in this scene.
+            present = {case_id: v for case_id, v in by_id.items() if self._in_scene(v)}
+            if not present:
+                raise CimisError("the scene this job segmented was closed; its result was not loaded",
+                                 "press Segment again on a volume of the current scene")
             classes = self.model_classes(version)
             created = []
             for item in result.get("outputs", []):
-                volume = by_id[item["id"]]
+                volume = present.get(item["id"])
+                if volume is None:
+                    continue  # removed from the scene while the job ran
                 labels = read_label_array(self.context.scene, Path(item["label"]), geometry_of(volume))
                 # The node's name marks the version's new organs, visibly, in every node list of Slicer; the
                 # segments keep the class names, which later Learn steps match on.
@@ -293,10 +301,19 @@ class Workflow:
             self.outcome.segmentations.extend(created)
             self.outcome.version = version
             marked = f"; new: {', '.join(new_classes)}" if new_classes else ""
+            gone = len(by_id) - len(present)
             self.outcome.message = (f"segmented {len(created)} volume(s) with {version} "
-                                    f"({len(classes)} classes{marked})")
+                                    f"({len(classes)} classes{marked})"
+                                    + (f"; {gone} volume(s) removed from the scene were left out" if gone else ""))
 
-        self._start("segment", folder, job, on_done, fresh_outcome=not new_classes)
+        with self._new_job("segment") as (folder, job_id):
+            images = []
+            for case_id, volume in by_id.items():
+                image = write_volume(self.context.scene, volume, folder / "inputs" / f"{case_id}.nrrd")
+                images.append({"id": case_id, "image": str(image)})
+            job = self._job_header("segment", job_id, folder, settings)
+            job["data"] = {"images": images}
+            self._start("segment", folder, job, on_done, fresh_outcome=not new_classes)
         return folder
 
     def learn(self, cases: list[LearnCase], settings: JobSettings | None = None, resegment: bool = True) -> Path:
@@ -319,15 +336,6 @@ class Workflow:
         if all(c.validation for c in cases):
             raise CimisError("every painted volume is marked for validation",
                              "leave at least one volume for learning")
-        folder, job_id = self._new_job_folder("learn")
-        job_cases = self._write_cases(folder, exported, cases)
-        job = self._job_header("learn", job_id, folder, settings)
-        budget = {k: getattr(settings, k) for k in ("iterations", "batch_size") if getattr(settings, k) is not None}
-        if budget:
-            job["budget"] = budget
-        job["data"] = {"classes": [c.to_json() for c in new_classes], "cases": job_cases}
-        job["learn"] = {"strategy": settings.strategy, "activate": settings.auto_activate,
-                        "note": settings.note or f"learned {', '.join(new_classes.names)} in 3D Slicer"}
         volumes = list(dict.fromkeys(c.volume_node for c in cases))
 
         def on_done(result: dict) -> None:
@@ -342,13 +350,21 @@ class Workflow:
                                         f"({self.outcome.scores.summary() if self.outcome.scores else 'no scores'})")
                 return
             self.outcome.message = f"{version} is active: learned {learned}"
-            if resegment:
+            still_here = [v for v in volumes if self._in_scene(v)]
+            if resegment and still_here:
                 kept = self.outcome
-                self.segment(volumes, settings, new_classes=kept.new_classes)
+                self.segment(still_here, settings, new_classes=kept.new_classes)
                 self.outcome = kept
                 self.outcome.message += "; segmenting again with it"
 
-        self._start("learn", folder, job, on_done)
+        with self._new_job("learn") as (folder, job_id):
+            job = self._job_header("learn", job_id, folder, settings)
+            job["data"] = {"classes": [c.to_json() for c in new_classes],
+                           "cases": self._write_cases(folder, exported, cases)}
+            self._add_budget(job, settings)
+            job["learn"] = {"strategy": settings.strategy, "activate": settings.auto_activate,
+                            "note": settings.note or f"learned {', '.join(new_classes.names)} in 3D Slicer"}
+            self._start("learn", folder, job, on_done)
         return folder
 
     def resume(self) -> Path:
@@ -384,21 +400,20 @@ class Workflow:
         if any(c.segmentation_node is None for c in cases):
             raise CimisError("no painted segmentation is selected", "paint the organs in the Segment Editor first")
         exported, classes = self._export_new_structures(cases, ClassSet([]), every_segment=True)
-        folder, job_id = self._new_job_folder("train")
-        job_cases = self._write_cases(folder, exported, cases)
-        job = self._job_header("train", job_id, folder, settings)
-        budget = {k: getattr(settings, k) for k in ("iterations", "batch_size") if getattr(settings, k) is not None}
-        if budget:
-            job["budget"] = budget
-        job["data"] = {"classes": [c.to_json() for c in classes], "cases": job_cases}
-        job["train"] = {"network": network, "activate": True, **({"preprocess": preprocess} if preprocess else {}),
-                        "note": settings.note or f"first model ({', '.join(classes.names)}) trained in 3D Slicer"}
 
         def on_done(result: dict) -> None:
             self.outcome = Outcome(version=result.get("version"), new_classes=list(result.get("classes", [])))
             self.outcome.message = f"{result.get('version')} is active: a first model of {', '.join(classes.names)}"
 
-        self._start("train", folder, job, on_done)
+        with self._new_job("train") as (folder, job_id):
+            job = self._job_header("train", job_id, folder, settings)
+            job["data"] = {"classes": [c.to_json() for c in classes],
+                           "cases": self._write_cases(folder, exported, cases)}
+            self._add_budget(job, settings)
+            job["train"] = {"network": network, "activate": True,
+                            **({"preprocess": preprocess} if preprocess else {}),
+                            "note": settings.note or f"first model ({', '.join(classes.names)}) trained in 3D Slicer"}
+            self._start("train", folder, job, on_done)
         return folder
 
     def _write_cases(self, folder: Path, exported: list, cases: list[LearnCase]) -> list[dict]:
@@ -499,12 +514,21 @@ class Workflow:
     def can_resume(self) -> bool:
         return not self.busy and self.resumable is not None
 
+    def scene_closing(self) -> None:
+        """The scene is about to close: a running Segment is cancelled, since its result has no volume left
+        to go on. A Learn (or Train, Import) goes on: its result is a model version, not scene content."""
+        if self.task is not None and self.task.kind == "segment":
+            self.cancel()
+
     def shutdown(self) -> None:
         """Slicer is closing: the worker's cancel file first, then its whole process tree (the real Python
-        behind the PythonSlicer launcher too); the job publishes nothing."""
+        behind the PythonSlicer launcher too); the job publishes nothing. Then the job folders go (copies of
+        the patient's images, checkpoints, logs naming the volumes): Resume lives only in this session's
+        memory, so after Slicer closes nothing could use them."""
         if self.task is not None:
             self.task.process.shutdown()
             self.task = None
+        self._remove_job_folders()
 
     # ---------------------------------------------------------------------------------------- helpers
     def _refuse_if_busy(self) -> None:
@@ -528,31 +552,63 @@ class Workflow:
             elif path.exists():
                 path.unlink()
 
-    def _remove_unfinished_jobs(self) -> None:
-        """A new job starts: the folders of cancelled or failed jobs (images, checkpoints) go."""
+    def _remove_job_folders(self) -> None:
+        """A new job starts, or Slicer closes: every job folder of ours goes (a cancelled or failed job's
+        images and checkpoints, a finished job's logs, and what an earlier session that crashed or was
+        killed left behind), except those of another running Slicer and the one whose result is being
+        imported. Nothing else in the jobs folder is touched."""
         if self.keep_job_folders or not self.jobs_dir.is_dir():
             return
-        for folder in self.jobs_dir.iterdir():
-            if folder == self._finishing or not (folder / "job.json").exists() or _owned_by_another_slicer(folder):
-                continue
-            shutil.rmtree(folder, ignore_errors=True)
         self.resumable = None
+        try:
+            folders = list(self.jobs_dir.iterdir())
+        except OSError:
+            return  # an unreadable jobs folder: the job's own folder creation then says what is wrong
+        for folder in folders:
+            if folder != self._finishing and _is_job_folder(folder) and not _owned_by_another_slicer(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+
+    @staticmethod
+    def _add_budget(job: dict, settings: JobSettings) -> None:
+        budget = {k: getattr(settings, k) for k in ("iterations", "batch_size") if getattr(settings, k) is not None}
+        if budget:
+            job["budget"] = budget
+
+    def _in_scene(self, node) -> bool:
+        """Whether the node is still in this workflow's scene (a closed scene removes its nodes)."""
+        return node is not None and node.GetScene() is self.context.scene
 
     def _worker_env(self) -> dict | None:
         return self.env
 
-    def _new_job_folder(self, kind: str) -> tuple[Path, str]:
-        self._remove_unfinished_jobs()
+    @contextlib.contextmanager
+    def _new_job(self, kind: str) -> Iterator[tuple[Path, str]]:
+        """A new job folder, owner-only, for the block that writes the job's inputs and starts its worker.
+        If the block fails (a full disk on the second CT, a worker that cannot start), the folder, which
+        may already hold some of the patient's images, is removed and the error is one line."""
+        self._remove_job_folders()
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         job_id = f"{kind}-{stamp}-{uuid.uuid4().hex[:6]}"
         folder = self.jobs_dir / job_id
         try:
-            folder.mkdir(parents=True)
+            if not self.jobs_dir.is_dir():
+                self.jobs_dir.mkdir(parents=True)
+                _owner_only(self.jobs_dir)
+            folder.mkdir()
         except OSError as exc:
             raise CimisError(f"cannot create the job folder {folder}: {exc.strerror or exc}",
                              "choose a writable folder for jobs") from None
-        (folder / OWNER_FILE).write_text(str(os.getpid()), encoding="utf-8")
-        return folder, job_id
+        try:
+            _owner_only(folder)  # the copies inside are not readable by other users of a shared temp folder
+            (folder / OWNER_FILE).write_text(str(os.getpid()), encoding="utf-8")
+            yield folder, job_id
+        except OSError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise CimisError(f"cannot write the job's inputs to {folder}: {exc.strerror or exc}",
+                             "check that the folder is writable and the disk not full") from None
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
 
     def _job_header(self, kind: str, job_id: str, folder: Path, settings: JobSettings) -> dict:
         job = {"format": JOB_FORMAT, "kind": kind, "id": job_id, "registry": str(self.registry_path),
@@ -568,6 +624,21 @@ class Workflow:
         if fresh_outcome:
             self.outcome = Outcome()
         self.task = _Task(kind, folder, process, on_done)
+
+
+def _is_job_folder(path: Path) -> bool:
+    """A folder this module wrote: a job id as its name (``segment-20250101-120000-0a1b2c``) and the owner
+    file or job file it writes first. A link is never one (its target may be anywhere)."""
+    try:
+        return (JOB_FOLDER_NAME.fullmatch(path.name) is not None and not path.is_symlink() and path.is_dir()
+                and ((path / OWNER_FILE).is_file() or (path / "job.json").is_file()))
+    except OSError:  # not ours to read, so not ours to remove
+        return False
+
+
+def _owner_only(folder: Path) -> None:
+    """rwx for the owner only (``mkdir``'s mode is masked by the umask, so it is set afterwards)."""
+    os.chmod(folder, stat.S_IRWXU)
 
 
 def _owned_by_another_slicer(folder: Path) -> bool:

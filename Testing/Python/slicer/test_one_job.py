@@ -1,6 +1,7 @@
 """One job, owned, and no patient data left behind: the registry cannot be switched under a running job, a
 bug in a completion handler still ends in the status line, a job folder shrinks to its logs once its result
-is in the scene, and a cancelled job's folder goes when the next job starts."""
+is in the scene, a cancelled job's folder goes when the next job starts, and every folder goes when Slicer
+closes (test_job_folders.py has the rest of the rule)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,10 @@ def test_one_owned_job_leaves_only_its_logs(kit, ct, workflow, registry_copy, tm
     workflow.registry_path = tmp_path / "another"  # idle: allowed
     assert workflow.registry_path == tmp_path / "another"
 
+    # Slicer closes: the logs go too (they name the volumes; nothing reads them in a later session).
+    workflow.shutdown()
+    assert list(workflow.jobs_dir.iterdir()) == []
+
 
 def test_cancelled_job_folder_goes_at_the_next_start_and_handler_bugs_reach_the_status(kit, context, ct,
                                                                                         registry_copy, tmp_path):
@@ -69,5 +74,8 @@ def test_cancelled_job_folder_goes_at_the_next_start_and_handler_bugs_reach_the_
         assert status.state == "error" and not flow.busy
         assert "KeyError" in status.message and "bug" in status.message and "\n" not in status.message
         assert flow.outcome.message == status.message
+        assert flow.task is None and any(flow.jobs_dir.iterdir())  # the failed job's folder, for a look
+        flow.shutdown()
+        assert list(flow.jobs_dir.iterdir()) == []
     finally:
         flow.shutdown()
