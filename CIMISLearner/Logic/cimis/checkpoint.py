@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as load_safetensors_into
 from safetensors.torch import save_model as save_safetensors_from
 
+from cimis.data.io import sync_tree
 from cimis.errors import CimisError
 
 
@@ -64,14 +65,18 @@ def save_checkpoint(folder: Path, net: torch.nn.Module, optimizer: torch.optim.O
     (``folder`` exists then, and it is whole: it only ever appears by a rename of a complete staging folder).
     """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    except OSError as exc:
+        raise _cannot_write(folder, exc) from None
     try:
         save_safetensors_from(net, str(staging / "model.safetensors"))
         tensors: dict[str, torch.Tensor] = {}
         skeleton = flatten(optimizer.state_dict(), tensors, prefix="optimizer")
         save_file(tensors, str(staging / "optimizer.safetensors"))
         (staging / "state.json").write_text(json.dumps({**state, "optimizer": skeleton}, indent=1))
+        sync_tree(staging)  # on disk before the previous checkpoint is let go
         old = _old_of(folder)
         if folder.is_dir():
             shutil.rmtree(old, ignore_errors=True)  # a leftover of a killed rotation: folder is newer
@@ -80,10 +85,15 @@ def save_checkpoint(folder: Path, net: torch.nn.Module, optimizer: torch.optim.O
         os.replace(staging, folder)
         shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
-        raise CimisError(f"cannot write the checkpoint in {folder.parent} ({exc.strerror or exc})",
-                         "free disk space or make the run folder writable; the previous checkpoint is kept") from None
+        raise _cannot_write(folder, exc) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _cannot_write(folder: Path, exc: OSError) -> CimisError:
+    return CimisError(f"cannot write the checkpoint in {folder.parent} ({exc.strerror or exc})",
+                      "free disk space, make the run folder writable, or give a folder for --out; "
+                      "the previous checkpoint is kept")
 
 
 def _old_of(folder: Path) -> Path:

@@ -33,6 +33,9 @@ _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
 _DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")
 _NOT_WRITABLE_TEXT = ("Read-only file system", "os error 30")
+# A file where a folder is needed (or the reverse) on an output path: commands check their outputs up front,
+# this catches the paths they do not name (a checkpoint folder inside --out).
+_PATH_CLASH = {errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
 
 
 def disk_error_in(exc: BaseException) -> CimisError | None:
@@ -58,6 +61,15 @@ def disk_error_in(exc: BaseException) -> CimisError | None:
     return CimisError(f"cannot {verb}{where}: {reason}; nothing that existed was changed", hint)
 
 
+def path_clash_in(exc: BaseException) -> CimisError | None:
+    """A file standing where a folder is needed, or a folder where a file is, behind ``exc``."""
+    if not (isinstance(exc, OSError) and exc.errno in _PATH_CLASH):
+        return None
+    where = f" {exc.filename}" if exc.filename else ""
+    return CimisError(f"cannot create{where}: {exc.strerror or exc}",
+                      "a file stands where a folder is needed, or a folder where a file is; choose another output path")
+
+
 def user_error_in(exc: BaseException) -> CimisError | None:
     """The :class:`CimisError` behind ``exc``, if any; a full or read-only disk counts as one.
 
@@ -68,7 +80,7 @@ def user_error_in(exc: BaseException) -> CimisError | None:
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, CimisError):
             return exc
-        disk = disk_error_in(exc)
+        disk = disk_error_in(exc) or path_clash_in(exc)
         if disk is not None:
             return disk
         seen.add(id(exc))

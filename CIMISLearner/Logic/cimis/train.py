@@ -29,6 +29,7 @@ from cimis import distributed
 
 from cimis.checkpoint import load_checkpoint, save_checkpoint
 from cimis.data.classes import ClassSet
+from cimis.data.io import check_folder_output
 from cimis.data.manifest import Case, Manifest, load_case
 from cimis.data.preprocess import (
     PreprocessConfig,
@@ -42,7 +43,7 @@ from cimis.errors import CimisError
 from cimis.incremental.prototypes import global_prototypes
 from cimis.infer import predict_probabilities
 from cimis.metrics import evaluate_case
-from cimis.model.modelfile import ModelCard, save_model
+from cimis.model.modelfile import ModelCard, check_model_output, save_model
 from cimis.model.network import NetworkConfig, SegmentationNet
 from cimis.seg_loss import DiceCELoss
 
@@ -374,8 +375,9 @@ def train_model(
     config = config or TrainConfig()
     classes = classes if classes is not None else manifest.classes
     model_dir = run_dir / "model"
-    if model_dir.exists() and not overwrite and not resume:
-        raise CimisError(f"{model_dir} already exists", "choose another output folder, or pass --overwrite")
+    check_folder_output(run_dir, "run (--out)")
+    # Refused now, not after hours of training; --resume may replace the model a finished run left.
+    check_model_output(model_dir, overwrite or resume)
     if not resume and (run_dir / "checkpoint").exists() and not overwrite:
         raise CimisError(f"{run_dir} holds an unfinished run", "pass --resume to continue it or --overwrite to restart")
     net_config = network if isinstance(network, NetworkConfig) else NetworkConfig.preset(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cimis.checkpoint import flatten, load_checkpoint, save_checkpoint, unflatten
-from cimis.errors import CimisError
+from cimis.errors import CimisError, user_error_in
 
 
 def test_flatten_round_trip_keeps_key_types_and_tensors():
@@ -96,3 +96,26 @@ def test_an_unreadable_checkpoint_falls_back_to_the_old_one_and_its_hint_names_a
         load_checkpoint(tmp_path / "ck", *_net_and_optimizer(1))
     # `train` without --resume refuses a folder with an unfinished run; --overwrite is what starts afresh.
     assert "--overwrite" in caught.value.hint
+
+
+def test_a_run_folder_that_is_a_file_is_one_user_error_not_a_traceback(tmp_path):
+    run = tmp_path / "notes.txt"
+    run.write_text("a user's notes\n")
+    net = torch.nn.Linear(3, 2)
+    with pytest.raises(CimisError, match="cannot write the checkpoint"):
+        save_checkpoint(run / "checkpoint", net, torch.optim.AdamW(net.parameters()), {"iteration": 1})
+    assert run.read_text() == "a user's notes\n"
+
+
+@pytest.mark.parametrize("clash", ["folder under a file", "file over a folder"])
+def test_a_path_clash_from_a_library_reads_as_one_user_error(tmp_path, clash):
+    (tmp_path / "notes.txt").write_text("a user's notes\n")
+    (tmp_path / "folder").mkdir()
+    try:
+        if clash == "folder under a file":
+            (tmp_path / "notes.txt" / "checkpoint").mkdir()
+        else:
+            open(tmp_path / "folder", "w").close()
+    except OSError as exc:
+        error = user_error_in(exc)
+    assert error is not None and str(tmp_path) in error.one_line() and "\n" not in error.one_line()

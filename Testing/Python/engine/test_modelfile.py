@@ -1,7 +1,11 @@
 """Model folders: safetensors + JSON card round trip; corrupted, foreign and pickle files are refused."""
 
+import contextlib
 import json
+import os
 import pickle
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -100,3 +104,52 @@ def test_pickle_checkpoint_is_refused_without_running_it(tmp_path):
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(CimisError, match="does not exist"):
         load_model(tmp_path / "nope")
+
+
+def test_replacing_a_model_leaves_the_new_one_whole_and_no_leftovers(saved):
+    folder, net, card = saved
+    card.history = [{"step": 0, "kind": "train"}, {"step": 1, "kind": "learn"}]
+    save_model(folder, net, card, overwrite=True)
+    assert load_card(folder).history[-1] == {"step": 1, "kind": "learn"}
+    load_model(folder)  # the weights match the new card's checksums
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["model"]
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_model(saved, tmp_path):
+    _, net, card = saved
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's notes\n")
+    with pytest.raises(CimisError, match="does not hold an earlier model folder"):
+        save_model(mine, net, card, overwrite=True)
+    assert (mine / "notes.txt").read_text() == "a user's notes\n"
+
+
+@contextlib.contextmanager
+def undeletable(folder):
+    """Make the files of ``folder`` impossible to delete for this process: a read-only folder, or for root
+    (whom permissions do not stop) the immutable attribute of a file. Yields the undo."""
+    if os.name != "posix":
+        pytest.skip("needs POSIX permissions or file attributes")
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield lambda place: place.chmod(0o755)
+        return
+    target = folder / "card.json"
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(target)]).returncode != 0:
+        pytest.skip("running as root on a file system without the immutable attribute: no way to make a "
+                    "file undeletable")
+    yield lambda place: subprocess.run(["chattr", "-i", str(place / "card.json")], check=True)
+
+
+def test_a_failure_to_delete_the_old_model_does_not_lose_the_new_one(saved):
+    folder, net, card = saved
+    card.history = [{"step": 0, "kind": "train"}, {"step": 1, "kind": "learn"}]
+    with undeletable(folder) as undo:
+        try:
+            save_model(folder, net, card, overwrite=True)
+            assert load_card(folder).history[-1] == {"step": 1, "kind": "learn"}
+            load_model(folder)
+        finally:
+            for place in [folder, *folder.parent.glob(".model.*.old")]:
+                undo(place)

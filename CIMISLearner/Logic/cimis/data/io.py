@@ -345,13 +345,23 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def check_replaceable_folder(out: PathLike, overwrite: bool, own_entries: set[str], signature: str, what: str) -> None:
-    """Refuse an output ``out`` that is a file, or a non-empty folder unless ``overwrite`` is given and the
-    folder holds an earlier ``what`` and nothing else (only ``own_entries`` at its top, ``signature``
-    present): ``--overwrite`` must never delete a user's own files."""
+def check_folder_output(out: PathLike, what: str) -> None:
+    """Refuse an output folder ``out`` that is a file or lies under one, before any work is done."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CimisError(f"{out} is a file", f"give a folder for the {what}")
+    for place in (out, *out.parents):
+        if place.is_dir():
+            return
+        if place.exists() or place.is_symlink():
+            below = "" if place == out else f", so {out} cannot be created"
+            raise CimisError(f"{place} is a file{below}", f"give a folder for the {what}")
+
+
+def check_replaceable_folder(out: PathLike, overwrite: bool, own_entries: set[str], signature: str, what: str) -> None:
+    """Refuse an output ``out`` that is a file (or lies under one), or a non-empty folder unless
+    ``overwrite`` is given and the folder holds an earlier ``what`` and nothing else (only ``own_entries``
+    at its top, ``signature`` present): ``--overwrite`` must never delete a user's own files."""
+    out = Path(out)
+    check_folder_output(out, what)
     if not out.is_dir() or not any(out.iterdir()):
         return
     if not overwrite:
@@ -529,7 +539,7 @@ def write_dicom_series(
             slice_image.SetMetaData("0020|1041", _ds([float(np.dot(position, normal))]))
             writer.SetFileName(str(stage / f"IM{k + 1:05d}.dcm"))
             writer.Execute(slice_image)
-        _replace_folder(stage, folder)
+        replace_folder(stage, folder)
     except RuntimeError as exc:
         raise CimisError(f"cannot write DICOM series {folder}: {_sitk_reason(exc)}") from None
     except OSError as exc:
@@ -547,18 +557,43 @@ def _make_parent(folder: Path) -> Path:
     return folder.parent
 
 
-def _replace_folder(stage: Path, folder: Path) -> None:
-    """Move the finished ``stage`` folder to ``folder``, replacing an old one only once the new one is whole."""
+def replace_folder(stage: Path, folder: Path) -> None:
+    """Move the finished ``stage`` folder to ``folder``, replacing an old one only once the new one is whole.
+
+    The old folder is first renamed aside, then ``stage`` takes its name, and only then is the old copy
+    deleted: a kill at any moment leaves a whole folder under ``folder`` or aside, and a failure to delete
+    the old copy (a read-only file in it) never touches the new one. The files of ``stage`` are flushed to
+    disk before the swap, so a power cut cannot leave the new name pointing at empty files.
+    """
+    sync_tree(stage)
     if not folder.exists():
         os.replace(stage, folder)
         return
     trash = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.old")
     os.replace(folder, trash)
-    os.replace(stage, folder)
+    try:
+        os.replace(stage, folder)
+    except OSError:
+        os.replace(trash, folder)  # the new copy could not take the name: the old one keeps it
+        raise
     if trash.is_dir():
         shutil.rmtree(trash, ignore_errors=True)
     else:
-        trash.unlink()
+        with contextlib.suppress(OSError):
+            trash.unlink()
+
+
+def sync_tree(folder: Path) -> None:
+    """fsync every file under ``folder`` and, where the platform allows, the folders' entries."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            _fsync_file(Path(root) / name)
+        if os.name == "posix":
+            handle = os.open(root, os.O_RDONLY)
+            try:
+                os.fsync(handle)
+            finally:
+                os.close(handle)
 
 
 def _dicom_pixels(values: np.ndarray) -> tuple[np.ndarray, dict[str, str]]:

@@ -60,6 +60,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from cimis.data.classes import ClassSet, btcv_classes, word_classes
+from cimis.data.io import check_folder_output
 from cimis.errors import CimisError
 
 Vec3 = tuple[float, float, float]
@@ -435,8 +436,7 @@ _PHANTOM_FILE = re.compile(r"phantom_\d+\.nii\.gz")
 
 def _prepare_out_dir(out: pathlib.Path) -> None:
     """Create ``out``, or clear the phantom files of a previous run; refuse any other non-empty folder."""
-    if out.exists() and not out.is_dir():
-        raise CimisError(f"{out} exists and is not a folder")
+    check_folder_output(out, "phantom dataset")
     if out.exists() and any(out.iterdir()):
         manifest = out / "manifest.json"
         try:

@@ -16,13 +16,14 @@ import torch
 
 from cimis import distributed
 from cimis.data.classes import ClassSet
+from cimis.data.io import check_folder_output
 from cimis.data.manifest import Manifest, check_labels_contain
 from cimis.errors import CimisError
 from cimis.incremental.base import StepOptions
 from cimis.incremental.method_settings import MethodSettings, load_method_settings, resolve_options
 from cimis.incremental.prototypes import carry_over_prototypes, global_prototypes
 from cimis.incremental.strategies import DEFAULT_STRATEGY, STRATEGIES
-from cimis.model.modelfile import ModelCard, load_model, load_prototypes, save_model
+from cimis.model.modelfile import ModelCard, check_model_output, load_model, load_prototypes, save_model
 from cimis.model.network import SegmentationNet
 from cimis.train import EventSink, TrainConfig
 
@@ -85,8 +86,11 @@ def learn_step(
         raise CimisError(f"unknown strategy {strategy!r}", f"choose one of {', '.join(STRATEGIES)}")
     run_dir = Path(run_dir)
     model_dir = run_dir / "model"
-    if model_dir.exists() and not overwrite:
-        raise CimisError(f"{model_dir} already exists", "choose another output folder, or pass --overwrite")
+    if model_dir.resolve() == Path(previous_model).resolve():
+        raise CimisError(f"{model_dir} is the model this step starts from; the step would replace it",
+                         "choose another --out; the new model is a new folder")
+    check_folder_output(run_dir, "run (--out)")
+    check_model_output(model_dir, overwrite)  # refused now, not after training
     old_net, old_card = load_model(previous_model)
     old_prototypes = load_prototypes(previous_model, old_card)
     new = resolve_new_classes(old_card.classes, manifest.classes, new_classes)

@@ -14,7 +14,6 @@ network has none: UNet), and our own ``dynunet`` (the head becomes DynUNet's out
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 from cimis import __version__
-from cimis.data.io import check_replaceable_folder
+from cimis.data.io import check_replaceable_folder, replace_folder
 from cimis.errors import CimisError
 from cimis.model.modelfile import load_model
 from cimis.model.network import NetworkConfig, SegmentationNet
@@ -192,9 +191,7 @@ def export_monai_bundle(model_dir: str | Path, out: str | Path, overwrite: bool 
         # safetensors refuses shared storage (DynUNet's aliased layers): clone each tensor.
         save_file({k: v.clone() for k, v in state.items()}, str(staging / "models" / "model.safetensors"))
         (staging / "LICENSE").write_text("See the license of the model this bundle was exported from.\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
+        replace_folder(staging, out)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

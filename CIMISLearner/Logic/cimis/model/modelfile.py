@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from safetensors.torch import save_model as save_safetensors_from
 from cimis.checksums import sha256_of
 from cimis import __version__
 from cimis.data.classes import ClassSet
+from cimis.data.io import check_replaceable_folder, replace_folder
 from cimis.data.preprocess import PreprocessConfig
 from cimis.errors import CimisError
 from cimis.model.card_limits import check_card_fields
@@ -39,6 +39,8 @@ CARD_FORMAT = "cimis-model/1"
 CARD_NAME = "card.json"
 WEIGHTS_NAME = "weights.safetensors"
 PROTOTYPES_NAME = "prototypes.safetensors"
+# What a model folder holds at its top: --overwrite replaces a folder holding only these.
+MODEL_ENTRIES = {CARD_NAME, WEIGHTS_NAME, PROTOTYPES_NAME}
 
 
 @dataclass
@@ -98,12 +100,12 @@ def save_model(
 ) -> Path:
     """Write ``net`` and ``card`` as a model folder; the folder appears complete or not at all.
 
-    The files are written to a temporary sibling folder which is then renamed, so a crash mid-write never
-    leaves a half-written model under ``folder``.
+    The files are written to a temporary sibling folder which then takes the place of ``folder``
+    (:func:`~cimis.data.io.replace_folder`), so a crash mid-write never leaves a half-written model, or no
+    model, under ``folder``. ``overwrite`` replaces only an earlier model folder (:func:`check_model_output`).
     """
     folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise CimisError(f"{folder} already exists and is not empty", "choose another output or pass --overwrite")
+    check_model_output(folder, overwrite)
     if net.num_channels != card.classes.num_channels:
         raise ValueError(f"network has {net.num_channels} outputs but the card lists {card.classes.num_channels}")
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -120,13 +122,18 @@ def save_model(
             card.checksums[PROTOTYPES_NAME] = sha256_of(staging / PROTOTYPES_NAME)
         card.created = card.created or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         (staging / CARD_NAME).write_text(json.dumps(card.to_json(), indent=2) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
+        replace_folder(staging, folder)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def check_model_output(folder: str | Path, overwrite: bool) -> None:
+    """Refuse to write a model to ``folder`` when it is a file (or lies under one), or is a non-empty folder
+    and ``overwrite`` is false, or holds anything but an earlier model: a user's own files are never
+    deleted. Commands call this before training, so a refusal costs nothing."""
+    check_replaceable_folder(folder, overwrite, MODEL_ENTRIES, CARD_NAME, "model folder")
 
 
 def _refuse_non_model(path: Path) -> None:

@@ -267,9 +267,14 @@ class Registry:
 
     def export(self, version: str | None, archive: str | Path, overwrite: bool = False) -> Path:
         """Write one version as a .tar.gz (flat: card.json, *.safetensors, summary.json); returns the path."""
+        from cimis.data.io import check_folder_output  # SimpleITK stays unloaded for the registry's other uses
+
         name = self.resolve(version)
         self.verify(name)
         archive = Path(archive).absolute()
+        if archive.is_dir():
+            raise CimisError(f"{archive} is a folder", "give a file name for the archive, e.g. model.tar.gz")
+        check_folder_output(archive.parent, "archive")
         if archive.exists() and not overwrite:
             raise CimisError(f"{archive} already exists", "choose another file name")
         archive.parent.mkdir(parents=True, exist_ok=True)

@@ -135,6 +135,12 @@ class JobRun:
         if not self.resume and self.work.holds_a_job():
             raise CimisError(f"the output folder {self.job.output} holds an earlier job",
                              "pass --resume to continue it, or give the job a new output folder")
+        if saved is None and self.work.holds_a_job():
+            # Every job writes its state before run/, labels/ or result.json: without it these are a user's
+            # files, which finishing would delete (run/) or take as the job's results (labels/).
+            raise CimisError(f"the output folder {self.job.output} holds files of no job to resume "
+                             "(run/, labels/ or result.json without job-state.json)",
+                             "move them away, or give the job a new output folder")
         if saved is not None:
             recorded = saved.get("job", {})
             if saved.get("format") != STATE_FORMAT or recorded.get("kind") != self.job.kind or recorded.get("id") != self.job.id:

@@ -456,6 +456,85 @@ def _(kit, assets, root):
                watched=[root / "in"])
 
 
+# -------------------------------------------------------------- outputs holding a user's files, or files
+def _user_folder(root: Path) -> Path:
+    folder = root / "in" / "run" / "model"
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("a user's notes\n")
+    return root / "in" / "run"
+
+
+def _learn_args(kit, assets, root, out: Path, model: Path | None = None) -> list:
+    model = model or _model(kit, assets, root)
+    manifest = kit.write_manifest(root / "in" / "data", assets)
+    return ["learn", "--model", model, "--manifest", manifest, "--out", out, "--new-classes", "liver",
+            "--iterations", "1", "--device", "cpu"]
+
+
+def _user_file(root: Path) -> Path:
+    notes = root / "in" / "notes.txt"
+    notes.parent.mkdir(parents=True, exist_ok=True)
+    notes.write_text("a user's notes\n")
+    return notes
+
+
+@row("train --overwrite: --out/model a folder that is not a model's", "does not hold an earlier model folder")
+def _(kit, assets, root):
+    manifest = kit.write_manifest(root / "in" / "data", assets)
+    return Row([*_train_args(manifest, _user_folder(root)), "--overwrite"], watched=[root / "in"])
+
+
+@row("learn --overwrite: --out/model a folder that is not a model's", "does not hold an earlier model folder")
+def _(kit, assets, root):
+    return Row([*_learn_args(kit, assets, root, _user_folder(root)), "--overwrite"], watched=[root / "in"])
+
+
+@row("learn --overwrite: --out/model the model the step starts from", "is the model this step starts from")
+def _(kit, assets, root):
+    model = kit.copy_model(assets, root / "in" / "run" / "model")
+    return Row([*_learn_args(kit, assets, root, root / "in" / "run", model), "--overwrite"], watched=[root / "in"])
+
+
+@row("train: --out naming a file", "notes.txt", "is a file")
+def _(kit, assets, root):
+    manifest = kit.write_manifest(root / "in" / "data", assets)
+    return Row(_train_args(manifest, _user_file(root)), watched=[root / "in"])
+
+
+@row("learn: --out under a file", "notes.txt", "is a file", "cannot be created")
+def _(kit, assets, root):
+    return Row(_learn_args(kit, assets, root, _user_file(root) / "run"), watched=[root / "in"])
+
+
+@row("export: --out under a file", "notes.txt", "is a file")
+def _(kit, assets, root):
+    model = _model(kit, assets, root)
+    return Row(["export", model, "--out", _user_file(root) / "bundle"], watched=[root / "in"])
+
+
+@row("models export --overwrite: --out an existing folder", "is a folder", "file name")
+def _(kit, assets, root):
+    registry = kit.registry_with(assets, root / "in" / "registry")
+    folder = root / "in" / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("a user's notes\n")
+    return Row(["models", "export", "v0001", "--out", folder, "--overwrite", "--registry", registry.root],
+               watched=[root / "in"])
+
+
+@row("models export: --out under a file", "notes.txt", "is a file")
+def _(kit, assets, root):
+    registry = kit.registry_with(assets, root / "in" / "registry")
+    return Row(["models", "export", "v0001", "--out", _user_file(root) / "m.tar.gz", "--registry", registry.root],
+               watched=[root / "in"])
+
+
+@row("phantom: --out under a file", "notes.txt", "is a file")
+def _(kit, assets, root):
+    return Row(["phantom", "--out", _user_file(root) / "data", "--cases", "1", "--spacing", "8", "--val-cases", "0",
+                "--test-cases", "0"], watched=[root / "in"])
+
+
 @row("train: --workers -1", "--workers")
 def _(kit, assets, root):
     manifest = kit.write_manifest(root / "in" / "data", assets)

@@ -462,3 +462,19 @@ def test_a_pickle_model_is_refused_and_never_unpickled(kit, dataset, base_regist
     assert "unpickling can run arbitrary code" in events[-1]["message"]
     assert not marker.exists()
     assert kit.tree_snapshot(tmp_path) == before  # nothing written: no output folder, no marker
+
+
+@pytest.mark.parametrize("user_folder", ["run", "labels"])
+def test_resume_in_a_folder_that_never_held_a_job_leaves_the_users_files_alone(kit, dataset, base_registry, tmp_path,
+                                                                               user_folder):
+    """With --resume and no job state, run/ or labels/ are a user's: finishing would delete run/ and a
+    segment job would take labels/phantom_002.nii.gz as its output for the image of that name."""
+    out = tmp_path / "out"
+    (out / user_folder).mkdir(parents=True)
+    (out / user_folder / "phantom_002.nii.gz").write_bytes(b"a user's label map")
+    before = kit.tree_snapshot(out)
+    job_file = kit.write_job(tmp_path / "segment.json", kit.segment_job(dataset, base_registry, out))
+    code, events, stderr = kit.run_worker(job_file, "--resume")
+    assert code == 2, stderr[-3000:]
+    assert events[-1]["event"] == "error" and "holds files of no job to resume" in events[-1]["message"]
+    assert kit.tree_snapshot(out) == before
