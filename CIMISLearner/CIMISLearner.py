@@ -501,7 +501,8 @@ class CIMISLearnerLogic(ScriptedLoadableModuleLogic):
 
     def createWorkflow(self):
         """The widget's one workflow; the registry is set (and refused while a job runs) on it later. Job
-        folders live under Slicer's temporary folder, owner-only, and go when the next job starts or Slicer closes."""
+        folders live under Slicer's temporary folder, owner-only; a crashed session's go when the module opens,
+        the others when the next job starts or Slicer closes."""
         from cimis_slicer.context import SlicerContext
         from cimis_slicer.workflow import Workflow
 

@@ -133,6 +133,9 @@ class Workflow:
         self.resumable: _Task | None = None  # the last cancelled learn job, which Resume continues
         self.log: list[str] = []  # the worker's warnings and stage changes, for the log panel
         self._finishing: Path | None = None
+        # What a crashed or killed session left (copies of a patient's images) goes when the module opens,
+        # not only at the first job or at close, which may never come.
+        self._remove_job_folders()
 
     # ----------------------------------------------------------------------------------------- registry
     @property
@@ -553,7 +556,7 @@ class Workflow:
                 path.unlink()
 
     def _remove_job_folders(self) -> None:
-        """A new job starts, or Slicer closes: every job folder of ours goes (a cancelled or failed job's
+        """The module opens, a new job starts, or Slicer closes: every job folder of ours goes (a cancelled or failed job's
         images and checkpoints, a finished job's logs, and what an earlier session that crashed or was
         killed left behind), except those of another running Slicer and the one whose result is being
         imported. Nothing else in the jobs folder is touched."""

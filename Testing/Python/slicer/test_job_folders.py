@@ -71,8 +71,8 @@ def _job_folder(jobs, name: str, owner_pid: int | None, files: tuple[str, ...]):
 
 
 @posix_only
-def test_job_folders_are_owner_only_and_go_at_the_next_start_and_at_shutdown(kit, context, ct, registry_copy,
-                                                                            tmp_path):
+def test_job_folders_are_owner_only_and_go_at_open_at_the_next_start_and_at_shutdown(kit, context, ct,
+                                                                                    registry_copy, tmp_path):
     jobs = tmp_path / "jobs"
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     crashed = int(ended.stdout)  # a Slicer that is gone
@@ -88,8 +88,12 @@ def test_job_folders_are_owner_only_and_go_at_the_next_start_and_at_shutdown(kit
 
     flow = Workflow(context, registry_copy, jobs, env={**kit.WORKER_ENV, "CIMIS_WORKER_PAUSE_AT": "stage:checking"})
     try:
-        folder = flow.segment([ct], kit.tiny_settings())
+        # The module opens: what earlier sessions left goes at once, not at the first job, which may never come.
         assert not any(f.exists() for f in old)
+        assert all(f.is_dir() for f in others) and (jobs / "readme.txt").is_file()
+        late = _job_folder(jobs, "learn-20240101-101015-0a1b31", crashed, ("job.json",))  # left since then
+        folder = flow.segment([ct], kit.tiny_settings())
+        assert not late.exists()
         assert all(f.is_dir() for f in others) and (jobs / "readme.txt").is_file()
         # Owner-only: the copy of the CT inside cannot be read by another user of the temporary folder.
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700
