@@ -17,13 +17,12 @@ import torch
 from torch import nn
 
 from cimis.data.classes import ClassInfo, ClassSet, default_color
-from cimis.data.io import check_replaceable_folder
 from cimis.data.preprocess import PreprocessConfig
 from cimis.errors import CimisError
 from cimis.model.card_limits import check_card_fields
 from cimis.model.head import GrowableHead
 from cimis.model.imported import ImportedBackbone, build_source_network, final_conv_of
-from cimis.model.modelfile import CARD_NAME, PROTOTYPES_NAME, WEIGHTS_NAME, ModelCard, save_model
+from cimis.model.modelfile import ModelCard, check_model_output, save_model
 from cimis.model.network import NetworkConfig, SegmentationNet
 from cimis.model.source_model import SourceModel
 
@@ -204,7 +203,7 @@ def import_model(
 
     stage = on_stage or (lambda name: None)
     out = Path(out)
-    check_replaceable_folder(out, overwrite, {CARD_NAME, WEIGHTS_NAME, PROTOTYPES_NAME}, CARD_NAME, "model folder")
+    check_model_output(out, overwrite)
     stage("reading")
     model = read_source(Path(source), fold, overrides)
     if overrides is not None and getattr(overrides, "classes_named", False):
