@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as load_safetensors_into
 from safetensors.torch import save_model as save_safetensors_from
 
-from cimis.data.io import sync_tree
 from cimis.errors import CimisError
+from cimis.fsync import sync_tree
 
 
 def flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "t") -> Any:

@@ -605,12 +605,11 @@ class Workflow:
             _owner_only(folder)  # the copies inside are not readable by other users of a shared temp folder
             (folder / OWNER_FILE).write_text(str(os.getpid()), encoding="utf-8")
             yield folder, job_id
-        except OSError as exc:
+        except BaseException as exc:
             shutil.rmtree(folder, ignore_errors=True)
-            raise CimisError(f"cannot write the job's inputs to {folder}: {exc.strerror or exc}",
-                             "check that the folder is writable and the disk not full") from None
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise CimisError(f"cannot write the job's inputs to {folder}: {exc.strerror or exc}",
+                                 "check that the folder is writable and the disk not full") from None
             raise
 
     def _job_header(self, kind: str, job_id: str, folder: Path, settings: JobSettings) -> dict:

@@ -29,6 +29,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from cimis.errors import CimisError
+from cimis.fsync import fsync_file, sync_tree
 
 PathLike = Union[str, "os.PathLike[str]"]
 """A path given as a string or a path object."""
@@ -324,7 +325,7 @@ def staged_output(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
             _refuse_existing(path.parent / item.name, overwrite)
         for item in produced:
             if item.is_file():
-                _fsync_file(item)  # a full disk that the write did not report can still surface here
+                fsync_file(item)  # a full disk that the write did not report can still surface here
         for item in produced:
             os.replace(item, path.parent / item.name)
     except OSError as exc:
@@ -338,11 +339,6 @@ def staged_output(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
 def _refuse_existing(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise CimisError(f"{path} already exists", "choose another output path or pass --overwrite")
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
 
 
 def check_folder_output(out: PathLike, what: str) -> None:
@@ -581,19 +577,6 @@ def replace_folder(stage: Path, folder: Path) -> None:
     else:
         with contextlib.suppress(OSError):
             trash.unlink()
-
-
-def sync_tree(folder: Path) -> None:
-    """fsync every file under ``folder`` and, where the platform allows, the folders' entries."""
-    for root, _dirs, files in os.walk(folder):
-        for name in files:
-            _fsync_file(Path(root) / name)
-        if os.name == "posix":
-            handle = os.open(root, os.O_RDONLY)
-            try:
-                os.fsync(handle)
-            finally:
-                os.close(handle)
 
 
 def _dicom_pixels(values: np.ndarray) -> tuple[np.ndarray, dict[str, str]]:

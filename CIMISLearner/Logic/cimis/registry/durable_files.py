@@ -10,6 +10,8 @@ import stat
 import uuid
 from pathlib import Path
 
+from cimis.fsync import fsync_dir
+
 
 def copy_synced(source: Path, target: Path) -> None:
     with open(source, "rb") as src, open(target, "xb") as out:
@@ -37,17 +39,6 @@ def write_json_atomic(path: Path, data: dict) -> None:
         fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Flush a folder's entries (a rename) to disk where the platform allows it."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def remove_tree(path: Path) -> None:

@@ -15,8 +15,9 @@ from typing import Callable, Iterator
 
 from cimis import __version__
 from cimis.errors import CimisError
+from cimis.fsync import fsync_dir
 from cimis.registry.archive import check_import_source, extract_members
-from cimis.registry.durable_files import copy_synced, fsync_dir, remove_tree, write_json_atomic, write_synced
+from cimis.registry.durable_files import copy_synced, remove_tree, write_json_atomic, write_synced
 from cimis.registry.file_lock import exclusive_lock
 from cimis.registry.model_folder import (
     CARD,
